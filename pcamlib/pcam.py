@@ -260,6 +260,9 @@ def available_splits(root: str | os.PathLike) -> list[str]:
 def read_meta(root: str | os.PathLike, split: str, length: int | None = None) -> pd.DataFrame | None:
     """Read a split's meta CSV when present.
 
+    The official columns are :data:`META_COLUMNS`; imported data has ``source_file``
+    instead. Callers check for the columns they need.
+
     Args:
         root: Data directory.
         split: Split name.
@@ -277,12 +280,10 @@ def read_meta(root: str | os.PathLike, split: str, length: int | None = None) ->
         raise PCamFormatError(f"{path}: not a readable CSV: {err}") from err
     if meta.columns[0].startswith("Unnamed"):
         meta = meta.drop(columns=meta.columns[0])
-    missing = [c for c in META_COLUMNS if c not in meta.columns]
-    if missing:
-        raise PCamFormatError(
-            f"{path}: missing columns {missing}; expected {list(META_COLUMNS)}, "
-            f"found {list(meta.columns)}"
-        )
+    # Imported data records other columns (e.g. ``source_file``); the official ones are
+    # optional, but when one is present it must make sense.
+    if "wsi" in meta.columns and meta["wsi"].isna().all():
+        raise PCamFormatError(f"{path}: column 'wsi' is present but empty")
     if length is not None and len(meta) != length:
         raise PCamFormatError(f"{path}: {len(meta):,} rows, but the split has {length:,}")
     return meta
