@@ -302,14 +302,23 @@ class PCamSplit(Dataset):
         root: Directory with PCam-format files.
         split: Split name.
         full_size: Require the official number of rows.
+        rows: Use only the first ``rows`` rows (None = all), e.g. for quick runs.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str, *, full_size: bool = False):
+    def __init__(
+        self, root: str | os.PathLike, split: str, *, full_size: bool = False,
+        rows: int | None = None,
+    ):
         self.root = Path(root)
         self.split = split
         self.info = validate_split(self.root, split, full_size=full_size)
+        if rows is not None and not 0 < rows <= self.info.length:
+            raise ValueError(
+                f"rows must be in 1..{self.info.length} for {self.info.x_path}; got {rows}"
+            )
+        self.rows = rows
         with h5py.File(self.info.y_path, "r") as fy:
-            self.labels = fy["y"][:].reshape(-1).astype(np.int64)
+            self.labels = fy["y"][:rows].reshape(-1).astype(np.int64)
         self._file: h5py.File | None = None
         self._fd: int | None = None
         self._pid: int | None = None
@@ -322,7 +331,7 @@ class PCamSplit(Dataset):
             self._offset = x.id.get_offset() if contiguous else None
 
     def __len__(self) -> int:
-        return self.info.length
+        return len(self.labels)
 
     def __repr__(self) -> str:
         return f"PCamSplit({str(self.root)!r}, {self.split!r}, length={len(self)})"
@@ -415,11 +424,12 @@ class PCamSplit(Dataset):
         """Yield ``(first_row, images)`` over the split in file order, ``chunk_rows`` at a time."""
         dset = self.images
         for start in range(0, len(self), chunk_rows):
-            yield start, dset[start:start + chunk_rows]
+            yield start, dset[start:min(start + chunk_rows, len(self))]
 
     def meta(self) -> pd.DataFrame | None:
-        """The split's meta CSV, or None when absent."""
-        return read_meta(self.root, self.split, len(self))
+        """The split's meta CSV (first ``rows`` rows when limited), or None when absent."""
+        meta = read_meta(self.root, self.split, self.info.length)
+        return None if meta is None else meta.iloc[: len(self)]
 
 
 def _stats_cache_path(info: SplitInfo) -> Path:

@@ -1,0 +1,252 @@
+"""Named parameter sets (``sample``, ``real-subset``, ``paper``) and their validation.
+
+A profile fixes every choice of a reproduction: data, architectures, the training recipe,
+augmentation and evaluation. The CLI and the notebooks read profiles; any field can be
+overridden by name, and a misspelled name or a bad value is an error that says what was
+expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pcamlib import config
+from pcamlib.data import AugmentConfig
+
+ARCHITECTURES: tuple[str, ...] = (
+    "densenet121", "densenet169", "densenet201", "resnet18", "resnet34", "resnet50",
+)
+"""torchvision architectures the engine can train."""
+
+STUDY_LRS: dict[str, float] = {"densenet": 0.0057, "resnet": 0.0012}
+"""Learning rates the study's ``lr_find`` gave (DenseNet, ResNet)."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Every parameter of a reproduction.
+
+    Attributes:
+        name: Profile name (also the reports/runs sub-folder).
+        data_dir: PCam-format data directory.
+        archs: Architectures compared.
+        epochs: Epochs of the (unfrozen) one-cycle phase, the upper bound under early stopping.
+        freeze_epochs: Frozen-body epochs before unfreezing (fastai ``fine_tune``); None:
+            1 with pretrained weights, 0 when training from scratch.
+        lr_policy: ``fixed`` (use ``lrs``) or ``find`` (use the lr_find suggestion).
+        lrs: Learning rate per architecture family (``densenet``/``resnet``) or per
+            architecture name.
+        lr_suggestion: Which lr_find suggestion ``find`` takes (valley, minimum, steep, slide).
+        lr_find_iters: Iterations of lr_find.
+        lr_mult: Discriminative LR ratio between head and first layers when unfrozen.
+        bs: Training batch size (the study used 64).
+        wd: Weight decay (SGD).
+        mom: SGD momentum.
+        patience: Early-stopping patience on valid loss, in epochs.
+        seed: Seed of every RNG.
+        pretrained: ``auto`` (use ImageNet weights when in the local torch hub cache),
+            ``yes`` (require them) or ``no``.
+        augment: Training augmentation.
+        train_rows: Use only the first N training rows (None = all); for quick runs.
+        eval_splits: Splits evaluated after training.
+        tta: Also report 8-way dihedral test-time augmentation.
+        n_boot: Bootstrap resamples for confidence intervals.
+        num_workers: Loader processes (None = sized from the machine).
+        mixed_precision: ``auto`` (bf16/fp16 on CUDA, fp32 on CPU), ``bf16``, ``fp16``, ``no``.
+        compile: Wrap the model with torch.compile.
+        max_minutes_hint: Rough expected wall time, printed before a run.
+    """
+
+    name: str
+    data_dir: Path
+    archs: tuple[str, ...] = ("densenet121", "resnet18")
+    epochs: int = 10
+    freeze_epochs: int | None = None
+    lr_policy: str = "fixed"
+    lrs: dict[str, float] = field(default_factory=lambda: dict(STUDY_LRS))
+    lr_suggestion: str = "valley"
+    lr_find_iters: int = 100
+    lr_mult: float = 100.0
+    bs: int = 64
+    wd: float = 0.01
+    mom: float = 0.9
+    patience: int = 3
+    seed: int = 42
+    pretrained: str = "auto"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train_rows: int | None = None
+    eval_splits: tuple[str, ...] = ("train", "valid", "test")
+    tta: bool = True
+    n_boot: int = 1000
+    num_workers: int | None = None
+    mixed_precision: str = "auto"
+    compile: bool = False
+    max_minutes_hint: float | None = None
+
+    def __post_init__(self):
+        _validate(self)
+
+    def lr_for(self, arch: str) -> float:
+        """The fixed learning rate of ``arch`` (by name, else by family)."""
+        if arch in self.lrs:
+            return float(self.lrs[arch])
+        family = arch.rstrip("0123456789")
+        if family in self.lrs:
+            return float(self.lrs[family])
+        raise ValueError(
+            f"profile {self.name!r} has no learning rate for {arch!r} "
+            f"(lrs has {sorted(self.lrs)}); add one or use lr_policy='find'"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, AugmentConfig):
+                value = value.to_dict()
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+def _validate(p: Profile) -> None:
+    def fail(name: str, expected: str) -> None:
+        raise ValueError(
+            f"profile {p.name!r}: parameter {name} must be {expected}; got {getattr(p, name)!r}"
+        )
+
+    unknown = [a for a in p.archs if a not in ARCHITECTURES]
+    if not p.archs or unknown:
+        raise ValueError(
+            f"profile {p.name!r}: unknown architecture(s) {unknown or list(p.archs)}; "
+            f"expected some of {', '.join(ARCHITECTURES)}"
+        )
+    if not isinstance(p.epochs, int) or p.epochs < 1:
+        fail("epochs", "an integer >= 1")
+    if p.freeze_epochs is not None and (not isinstance(p.freeze_epochs, int) or p.freeze_epochs < 0):
+        fail("freeze_epochs", "None or an integer >= 0")
+    if p.lr_policy not in ("fixed", "find"):
+        fail("lr_policy", "'fixed' or 'find'")
+    for key, lr in p.lrs.items():
+        if not isinstance(lr, int | float) or not 0 < lr < 10:
+            raise ValueError(
+                f"profile {p.name!r}: learning rate for {key!r} must be a number in (0, 10); "
+                f"got {lr!r}"
+            )
+    if p.lr_suggestion not in ("valley", "minimum", "steep", "slide"):
+        fail("lr_suggestion", "one of valley, minimum, steep, slide")
+    if not isinstance(p.lr_find_iters, int) or p.lr_find_iters < 5:
+        fail("lr_find_iters", "an integer >= 5")
+    if not p.lr_mult >= 1:
+        fail("lr_mult", "a number >= 1")
+    if not isinstance(p.bs, int) or isinstance(p.bs, bool) or p.bs < 1:
+        fail("bs", "a positive integer (batch size)")
+    if not 0 <= p.wd < 1:
+        fail("wd", "a number in [0, 1)")
+    if not 0 <= p.mom < 1:
+        fail("mom", "a number in [0, 1)")
+    if not isinstance(p.patience, int) or p.patience < 0:
+        fail("patience", "an integer >= 0 (0 disables early stopping)")
+    if p.pretrained not in ("auto", "yes", "no"):
+        fail("pretrained", "'auto', 'yes' or 'no'")
+    if p.train_rows is not None and (not isinstance(p.train_rows, int) or p.train_rows < p.bs):
+        fail("train_rows", f"None or an integer >= bs ({p.bs})")
+    bad_splits = [s for s in p.eval_splits if s not in ("train", "valid", "test")]
+    if bad_splits or not p.eval_splits:
+        fail("eval_splits", "a non-empty subset of train, valid, test")
+    if not isinstance(p.n_boot, int) or p.n_boot < 0:
+        fail("n_boot", "an integer >= 0")
+    if p.num_workers is not None and (not isinstance(p.num_workers, int) or p.num_workers < 0):
+        fail("num_workers", "None or an integer >= 0")
+    if p.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+        fail("mixed_precision", "'auto', 'bf16', 'fp16' or 'no'")
+
+
+PROFILES: dict[str, Profile] = {
+    "sample": Profile(
+        name="sample",
+        data_dir=config.SAMPLE_DATA_DIR,
+        archs=("densenet121", "resnet18"),
+        epochs=3,
+        lr_policy="fixed",
+        lrs={"densenet": 0.01, "resnet": 0.01},
+        lr_find_iters=24,
+        patience=3,
+        n_boot=200,
+        max_minutes_hint=6,
+    ),
+    "real-subset": Profile(
+        name="real-subset",
+        data_dir=config.REAL_SUBSET_DATA_DIR,
+        archs=("densenet121", "resnet18"),
+        epochs=5,
+        lr_policy="fixed",
+        lrs={"densenet": 0.003, "resnet": 0.003},
+        lr_find_iters=60,
+        patience=3,
+        n_boot=1000,
+        max_minutes_hint=75,
+    ),
+    "paper": Profile(
+        name="paper",
+        data_dir=config.PCAM_DATA_DIR,
+        archs=("densenet121", "resnet50"),
+        epochs=10,
+        lr_policy="fixed",
+        lrs=dict(STUDY_LRS),
+        lr_find_iters=100,
+        patience=3,
+        n_boot=1000,
+        max_minutes_hint=30,
+    ),
+}
+"""The named profiles; see the README for what each is for."""
+
+
+def get_profile(name: str, **overrides: Any) -> Profile:
+    """A named profile with fields overridden.
+
+    Args:
+        name: ``sample``, ``real-subset`` or ``paper``.
+        **overrides: Field values; ``augment`` may be a dict of AugmentConfig fields,
+            ``data_dir`` a string, ``archs``/``eval_splits`` lists.
+
+    Returns:
+        The validated profile.
+
+    Raises:
+        ValueError: for an unknown profile, an unknown field, or a bad value.
+    """
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; expected one of {', '.join(PROFILES)}")
+    base = PROFILES[name]
+    fields = {f.name for f in dataclasses.fields(Profile)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(
+            f"unknown profile parameter(s) {unknown}; expected some of {sorted(fields)}"
+        )
+    clean = dict(overrides)
+    if "data_dir" in clean and clean["data_dir"] is not None:
+        clean["data_dir"] = Path(clean["data_dir"]).expanduser().resolve()
+    elif "data_dir" in clean:
+        del clean["data_dir"]
+    if isinstance(clean.get("augment"), dict):
+        try:
+            clean["augment"] = dataclasses.replace(base.augment, **clean["augment"])
+        except TypeError as err:
+            raise ValueError(f"bad augment parameters: {err}") from err
+    for key in ("archs", "eval_splits"):
+        if key in clean and not isinstance(clean[key], tuple):
+            value = clean[key]
+            clean[key] = (value,) if isinstance(value, str) else tuple(value)
+    if "lrs" in clean:
+        clean["lrs"] = {**base.lrs, **clean["lrs"]}
+    return dataclasses.replace(base, **clean)
