@@ -1,0 +1,828 @@
+"""Report figures and tables, built from plain data and returned as matplotlib Figures.
+
+Every figure function takes numpy arrays or pandas DataFrames, builds a standalone
+:class:`ReportFigure` in one consistent seaborn style and returns it. That is a
+:class:`matplotlib.figure.Figure` not registered with pyplot, so nothing is shown twice or
+kept alive behind the caller's back, which still displays as a PNG in notebooks. A
+separate call, :func:`save_figure` or :func:`save_table`, writes it to disk atomically
+under a validated file stem, leaving out metadata that would change between runs.
+
+Nothing global is changed at import; styles are applied in a context while a figure is
+built.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ParamSpec
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+from numpy.typing import ArrayLike
+from PIL import Image
+
+from pcamlib.pcam import CENTRE_BOX, IMAGE_SHAPE, SPLITS
+
+__all__ = [
+    "CLASS_COLORS",
+    "ReportFigure",
+    "CLASS_NAMES",
+    "augmentation_grid_figure",
+    "channel_stats_table",
+    "confusion_matrix_figure",
+    "intensity_distribution_figure",
+    "loss_curves_figure",
+    "lr_find_figure",
+    "patch_grid_figure",
+    "roc_curve_figure",
+    "save_figure",
+    "save_table",
+    "split_balance_figure",
+]
+
+CLASS_NAMES: tuple[str, str] = ("normal", "tumour")
+"""Class names by label: 0 is normal tissue, 1 has tumour in the centre 32x32 region."""
+
+CLASS_COLORS: tuple[str, str] = ("#0173b2", "#d55e00")
+"""Colours by label (seaborn ``colorblind`` blue and vermillion), used in every figure."""
+
+CHANNEL_NAMES: tuple[str, str, str] = ("red", "green", "blue")
+"""Channel names, in array order."""
+
+CENTRE_COLOR = "#ffd60a"
+"""Outline colour of the centre box (visible on pink and purple H&E)."""
+
+_NATIVE_CELL = 1.28
+"""Inches per patch so that a 96 px patch shows at about its own size at 80 dpi."""
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+P = ParamSpec("P")
+
+
+# --------------------------------------------------------------------------- style
+
+
+@contextmanager
+def _style() -> Iterator[None]:
+    """Apply the figures' seaborn style and a few rc settings for the duration."""
+    rc = {
+        "figure.dpi": 80,
+        "savefig.dpi": 80,
+        "axes.titlesize": 11,
+        "axes.titleweight": "bold",
+        "axes.labelsize": 10,
+        "legend.fontsize": 9,
+        "legend.title_fontsize": 9,
+        "xtick.labelsize": 9,
+        "ytick.labelsize": 9,
+        "figure.titlesize": 12,
+        "figure.titleweight": "bold",
+        "image.interpolation": "nearest",
+        "svg.hashsalt": "pcamlib",
+    }
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook"), mpl.rc_context(rc):
+        yield
+
+
+def _styled(func: Callable[P, Figure]) -> Callable[P, Figure]:
+    """Build the figure inside :func:`_style` and lay it out there once.
+
+    Laying out (``draw_without_rendering``) inside the context creates lazily built
+    artists such as ticks with the style's settings, so the figure looks the same when
+    it is later shown or saved outside the context.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> Figure:
+        with _style():
+            fig = func(*args, **kwargs)
+            fig.draw_without_rendering()
+        return fig
+
+    return wrapper
+
+
+class ReportFigure(Figure):
+    """A standalone :class:`~matplotlib.figure.Figure` that shows itself in notebooks.
+
+    The figure functions build figures without pyplot, so nothing is displayed or kept
+    alive behind the caller's back. A plain standalone Figure renders as text in Jupyter
+    unless the inline backend happens to be active; this subclass renders as a PNG
+    either way.
+    """
+
+    def _repr_png_(self) -> bytes:
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", metadata={"Software": None})
+        return buf.getvalue()
+
+
+def _new_figure(figsize: tuple[float, float]) -> ReportFigure:
+    """A standalone figure (not registered with pyplot) with constrained layout."""
+    return ReportFigure(figsize=figsize, layout="constrained")
+
+
+def _class_name(label: Any) -> str:
+    """Display name of a label: ``"tumour (1)"`` for 0/1 labels, ``str(label)`` otherwise."""
+    try:
+        value = int(label)
+    except (TypeError, ValueError):
+        return str(label)
+    if value in (0, 1) and value == label:
+        return f"{CLASS_NAMES[value]} ({value})"
+    return str(label)
+
+
+def _class_color(label: Any, fallback: int = 0) -> str:
+    """Colour of a 0/1 label, or a palette colour for anything else."""
+    try:
+        value = int(label)
+        if value in (0, 1) and value == label:
+            return CLASS_COLORS[value]
+    except (TypeError, ValueError):
+        pass
+    return sns.color_palette("colorblind")[(fallback + 2) % 10]
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _check_name(name: str) -> str:
+    """Return ``name`` if it is a simple file stem (letters, digits, ``_``, ``-``)."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"name must be a simple file stem of ASCII letters, digits, '_' and '-'; got {name!r}"
+        )
+    return name
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write`` on a temporary file beside ``path``, then rename it into place."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_figure(fig: Figure, out_dir: str | os.PathLike, name: str, *, dpi: int = 80) -> list[Path]:
+    """Write a figure as ``out_dir/name.png`` and ``out_dir/name.svg``.
+
+    Each file is written under a temporary name and renamed into place, so a reader never
+    sees a partial file. Timestamps and software versions are left out of the metadata
+    and SVG ids are salted with a fixed string, so rerunning with the same data gives the
+    same bytes. An opaque PNG is stored as RGB without alpha, which is smaller.
+
+    Photographic content dominates PNG size: at 80 dpi a 96 px patch shows at about its
+    own size and costs about 20 KB losslessly, so a 6-patch grid is about 140 KB.
+
+    Args:
+        fig: The figure, as returned by one of the figure functions.
+        out_dir: Destination folder; created if missing.
+        name: File stem: ASCII letters, digits, ``_`` and ``-`` only.
+        dpi: Resolution of the PNG.
+
+    Returns:
+        The paths written: ``[png, svg]``.
+
+    Raises:
+        ValueError: If ``name`` is not a simple file stem.
+    """
+    _check_name(name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write_png(tmp: Path) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+        buf.seek(0)
+        with Image.open(buf) as image:
+            image.load()
+            info_dpi = image.info.get("dpi")
+            if image.mode == "RGBA" and image.getextrema()[3] == (255, 255):
+                image = image.convert("RGB")  # opaque: the alpha channel only costs bytes
+            image.save(tmp, format="png", optimize=True, **({"dpi": info_dpi} if info_dpi else {}))
+
+    def write_svg(tmp: Path) -> None:
+        with mpl.rc_context({"svg.hashsalt": "pcamlib"}):
+            fig.savefig(tmp, format="svg", dpi=dpi, metadata={"Date": None})
+
+    return [
+        _atomic_write(out / f"{name}.png", write_png),
+        _atomic_write(out / f"{name}.svg", write_svg),
+    ]
+
+
+def save_table(
+    df: pd.DataFrame, out_dir: str | os.PathLike, name: str, *, floatfmt: str = ".4f"
+) -> list[Path]:
+    """Write a table as ``out_dir/name.csv`` (full precision) and ``out_dir/name.md``.
+
+    Both files are written under temporary names and renamed into place.
+
+    Args:
+        df: The table; its index is not written.
+        out_dir: Destination folder; created if missing.
+        name: File stem: ASCII letters, digits, ``_`` and ``-`` only.
+        floatfmt: Format of floats in the Markdown table (``tabulate`` syntax).
+
+    Returns:
+        The paths written: ``[csv, md]``.
+
+    Raises:
+        ValueError: If ``name`` is not a simple file stem.
+    """
+    _check_name(name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = df.to_markdown(index=False, floatfmt=floatfmt) + "\n"
+
+    def write_csv(tmp: Path) -> None:
+        df.to_csv(tmp, index=False, lineterminator="\n")
+
+    def write_md(tmp: Path) -> None:
+        tmp.write_text(markdown, encoding="utf-8")
+
+    return [
+        _atomic_write(out / f"{name}.csv", write_csv),
+        _atomic_write(out / f"{name}.md", write_md),
+    ]
+
+
+# --------------------------------------------------------------------------- patches
+
+
+def _as_patches(images: ArrayLike, what: str = "images") -> np.ndarray:
+    """Validate a stack of RGB patches (N x H x W x 3) and return it ready for ``imshow``."""
+    arr = np.asarray(images)
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"{what} must have shape (N, H, W, 3); got {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr
+    if np.issubdtype(arr.dtype, np.floating):
+        return np.clip(arr, 0.0, 1.0)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def _show_patch(ax: Axes, image: np.ndarray, show_centre: bool) -> None:
+    """Draw one patch without axes decorations, with the centre box outlined if asked."""
+    ax.imshow(image, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if show_centre:
+        top, left, bottom, right = CENTRE_BOX
+        sy = image.shape[0] / IMAGE_SHAPE[0]
+        sx = image.shape[1] / IMAGE_SHAPE[1]
+        ax.add_patch(
+            Rectangle(
+                (left * sx - 0.5, top * sy - 0.5),
+                (right - left) * sx,
+                (bottom - top) * sy,
+                fill=False,
+                edgecolor=CENTRE_COLOR,
+                linewidth=1.5,
+            )
+        )
+
+
+@_styled
+def patch_grid_figure(
+    images: ArrayLike,
+    labels: ArrayLike | None,
+    *,
+    titles: Sequence[str] | None = None,
+    ncols: int | None = None,
+    show_centre: bool = True,
+    suptitle: str | None = None,
+) -> Figure:
+    """A grid of patches, each titled with its class (the study's Figure 1).
+
+    Args:
+        images: ``N x H x W x 3`` patches (uint8, or floats in [0, 1]).
+        labels: ``N`` labels; 0/1 are shown as ``"normal (0)"`` / ``"tumour (1)"`` in the
+            class colour. May be None when ``titles`` is given.
+        titles: ``N`` titles to use instead of the labels.
+        ncols: Patches per row; default all in one row up to 6.
+        show_centre: Outline the centre 32x32 region that decides the label.
+        suptitle: Title of the whole figure.
+
+    Returns:
+        The figure, one axes per patch.
+
+    Raises:
+        ValueError: On inconsistent shapes or lengths.
+    """
+    patches = _as_patches(images)
+    n = len(patches)
+    if n == 0:
+        raise ValueError("images is empty")
+    if labels is None and titles is None:
+        raise ValueError("give labels or titles")
+    label_arr = None if labels is None else np.asarray(labels).reshape(-1)
+    if label_arr is not None and len(label_arr) != n:
+        raise ValueError(f"{n} images but {len(label_arr)} labels")
+    if titles is not None and len(titles) != n:
+        raise ValueError(f"{n} images but {len(titles)} titles")
+    ncols = min(n, 6) if ncols is None else ncols
+    if ncols < 1:
+        raise ValueError(f"ncols must be positive; got {ncols}")
+    nrows = math.ceil(n / ncols)
+    cell = min(_NATIVE_CELL, 10.0 / ncols)
+    height = nrows * (cell + 0.3) + (0.35 if suptitle else 0.0)
+    fig = _new_figure((cell * ncols, height))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for i, ax in enumerate(axes):
+        if i >= n:
+            fig.delaxes(ax)
+            continue
+        _show_patch(ax, patches[i], show_centre)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=10)
+        else:
+            ax.set_title(_class_name(label_arr[i]), fontsize=10, color=_class_color(label_arr[i]))
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
+@_styled
+def augmentation_grid_figure(rows: Mapping[str, ArrayLike], *, show_centre: bool = True) -> Figure:
+    """One row of patches per named augmentation, the name on the left.
+
+    Args:
+        rows: Augmentation name to ``n x H x W x 3`` patches, in display order (the first
+            row is usually ``"original"``). Rows may hold different numbers of patches.
+        show_centre: Outline the centre 32x32 region on every patch.
+
+    Returns:
+        The figure, one axes per patch.
+
+    Raises:
+        ValueError: If ``rows`` is empty or a row is not a stack of RGB patches.
+    """
+    if not rows:
+        raise ValueError("rows is empty")
+    stacks = {name: _as_patches(imgs, f"row {name!r}") for name, imgs in rows.items()}
+    ncols = max(len(s) for s in stacks.values())
+    nrows = len(stacks)
+    if ncols == 0:
+        raise ValueError("every row is empty")
+    cell = min(_NATIVE_CELL, 8.5 / ncols)
+    fig = _new_figure((cell * ncols + 1.5, cell * nrows + 0.1))
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    for r, (name, stack) in enumerate(stacks.items()):
+        for c in range(ncols):
+            ax = grid[r, c]
+            if c >= len(stack):
+                fig.delaxes(ax)
+                continue
+            _show_patch(ax, stack[c], show_centre)
+            if c == 0:
+                ax.set_ylabel(
+                    name, rotation=0, ha="right", va="center", fontsize=10, fontweight="bold"
+                )
+    return fig
+
+
+# --------------------------------------------------------------------------- exploration
+
+
+@_styled
+def intensity_distribution_figure(
+    images: ArrayLike,
+    labels: ArrayLike,
+    *,
+    max_pixels: int = 50_000,
+    bins: int = 64,
+    seed: int = 0,
+) -> Figure:
+    """Per-channel pixel intensity distributions by class, one panel per channel.
+
+    Pixels are drawn at random (seeded) from each class's patches, at most
+    ``max_pixels`` per class, and their distribution is drawn as a density curve over
+    the 0-255 range.
+
+    Args:
+        images: ``N x H x W x 3`` uint8 patches.
+        labels: ``N`` labels (0 normal, 1 tumour).
+        max_pixels: Pixels sampled per class.
+        bins: Intensity bins of the density curves.
+        seed: Seed of the pixel sample.
+
+    Returns:
+        The figure, with three axes (red, green, blue) of one curve per class.
+
+    Raises:
+        ValueError: On inconsistent shapes or lengths.
+    """
+    patches = _as_patches(images)
+    if np.issubdtype(patches.dtype, np.floating):
+        patches = np.round(patches * 255).astype(np.uint8)
+    label_arr = np.asarray(labels).reshape(-1)
+    if len(label_arr) != len(patches):
+        raise ValueError(f"{len(patches)} images but {len(label_arr)} labels")
+    rng = np.random.default_rng(seed)
+    edges = np.linspace(0, 256, bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    fig = _new_figure((10, 3.4))
+    axes = fig.subplots(1, 3, sharey=True)
+    for i, label in enumerate(np.unique(label_arr)):
+        pixels = patches[label_arr == label].reshape(-1, 3)
+        if len(pixels) > max_pixels:
+            pixels = pixels[np.sort(rng.choice(len(pixels), max_pixels, replace=False))]
+        n_images = int((label_arr == label).sum())
+        color = _class_color(label, i)
+        for ch, ax in enumerate(axes):
+            density, _ = np.histogram(pixels[:, ch], bins=edges, density=True)
+            ax.plot(
+                centres,
+                density,
+                color=color,
+                lw=1.8,
+                label=f"{_class_name(label)}, {n_images} patches",
+            )
+            ax.fill_between(centres, density, color=color, alpha=0.15, lw=0)
+    for ch, ax in enumerate(axes):
+        ax.set_title(f"{CHANNEL_NAMES[ch]} channel")
+        ax.set_xlim(0, 255)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("pixel intensity")
+    axes[0].set_ylabel("density")
+    axes[0].legend(loc="upper left")
+    return fig
+
+
+def channel_stats_table(stats_by_split: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Per-channel statistics of several splits as one tidy table.
+
+    Args:
+        stats_by_split: Split name to ``{"mean": [r, g, b], "std": [r, g, b], "rows": n}``
+            as returned by :func:`pcamlib.pcam.channel_stats`.
+
+    Returns:
+        Columns ``split``, ``channel`` (``red``, ``green``, ``blue``), ``mean``, ``std``;
+        three rows per split, splits in the given order.
+
+    Raises:
+        ValueError: If a split's mean or std does not have three values.
+    """
+    records = []
+    for split, stats in stats_by_split.items():
+        mean = np.asarray(stats["mean"], dtype=float).reshape(-1)
+        std = np.asarray(stats["std"], dtype=float).reshape(-1)
+        if mean.shape != (3,) or std.shape != (3,):
+            raise ValueError(
+                f"split {split!r}: mean and std need 3 values each; got {mean.size} and {std.size}"
+            )
+        for ch, channel in enumerate(CHANNEL_NAMES):
+            records.append({"split": split, "channel": channel, "mean": mean[ch], "std": std[ch]})
+    return pd.DataFrame(records, columns=["split", "channel", "mean", "std"])
+
+
+@_styled
+def split_balance_figure(counts: pd.DataFrame) -> Figure:
+    """Bar chart of the class counts of each split, bars labelled with count and share.
+
+    Args:
+        counts: Columns ``split``, ``label``, ``count``; one row per split and label.
+            Official split names are ordered train, valid, test; others follow in order
+            of appearance.
+
+    Returns:
+        The figure, one axes.
+
+    Raises:
+        ValueError: If a column is missing.
+    """
+    missing = {"split", "label", "count"} - set(counts.columns)
+    if missing:
+        raise ValueError(f"counts lacks columns: {', '.join(sorted(missing))}")
+    table = counts.groupby(["split", "label"], sort=False)["count"].sum().unstack(fill_value=0)
+    order = [s for s in SPLITS if s in table.index]
+    order += [s for s in table.index if s not in order]
+    table = table.loc[order, sorted(table.columns, key=str)]
+    totals = table.sum(axis=1).replace(0, np.nan)
+    fig = _new_figure((7, 4))
+    ax = fig.subplots()
+    x = np.arange(len(table))
+    width = 0.8 / max(len(table.columns), 1)
+    for j, label in enumerate(table.columns):
+        values = table[label].to_numpy()
+        offset = (j - (len(table.columns) - 1) / 2) * width
+        bars = ax.bar(
+            x + offset, values, width, label=_class_name(label), color=_class_color(label, j)
+        )
+        share = (values / totals.to_numpy() * 100).round(1)
+        ax.bar_label(
+            bars,
+            labels=[
+                f"{v:,}\n{s:.1f}%" if np.isfinite(s) else f"{v:,}"
+                for v, s in zip(values, share, strict=True)
+            ],
+            padding=2,
+            fontsize=8,
+        )
+    ax.set_xticks(x, [str(s) for s in table.index])
+    ax.set_xlabel("split")
+    ax.set_ylabel("patches")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.margins(y=0.18)
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="x", visible=False)
+    ax.set_title("Class balance per split")
+    ax.legend(title="class")
+    return fig
+
+
+# --------------------------------------------------------------------------- training
+
+
+@_styled
+def lr_find_figure(
+    lrs: ArrayLike,
+    losses: ArrayLike,
+    *,
+    suggestions: Mapping[str, float] | None = None,
+    chosen: float | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Loss against learning rate from a learning-rate range test, log x axis.
+
+    Args:
+        lrs: Learning rates tried, increasing.
+        losses: Smoothed loss at each learning rate.
+        suggestions: Name to suggested learning rate (e.g. fastai's ``valley``), each
+            marked on the curve and listed in the legend as ``"valley: 1.2e-03"``.
+        chosen: The learning rate used, drawn as a vertical line.
+        title: Axes title; default ``"Learning-rate finder"``.
+
+    Returns:
+        The figure, one axes.
+
+    Raises:
+        ValueError: If ``lrs`` and ``losses`` differ in length or no learning rate is
+            positive and finite.
+    """
+    lr = np.asarray(lrs, dtype=float).reshape(-1)
+    loss = np.asarray(losses, dtype=float).reshape(-1)
+    if lr.shape != loss.shape:
+        raise ValueError(f"{lr.size} learning rates but {loss.size} losses")
+    ok = np.isfinite(lr) & np.isfinite(loss) & (lr > 0)
+    if not ok.any():
+        raise ValueError("no finite (learning rate, loss) pair with a positive learning rate")
+    lr, loss = lr[ok], loss[ok]
+    fig = _new_figure((8, 4.5))
+    ax = fig.subplots()
+    ax.plot(lr, loss, color="0.25", lw=1.8, label="loss")
+    ax.set_xscale("log")
+    markers = "ovs^Dp"
+    palette = sns.color_palette("colorblind")
+    order = np.argsort(lr)
+    for k, (name, value) in enumerate((suggestions or {}).items()):
+        y = np.interp(np.log10(value), np.log10(lr[order]), loss[order])
+        ax.plot(
+            [value],
+            [y],
+            linestyle="none",
+            marker=markers[k % len(markers)],
+            markersize=9,
+            markeredgecolor="white",
+            color=palette[k % len(palette)],
+            label=f"{name}: {value:.1e}",
+            zorder=3,
+        )
+    if chosen is not None:
+        ax.axvline(chosen, color="0.1", ls="--", lw=1.5, label=f"chosen: {chosen:.1e}")
+    low, first, high = float(loss.min()), float(loss[0]), float(loss.max())
+    if first > low:
+        top = min(high, low + 2 * (first - low))
+        pad = 0.05 * (top - low)
+        ax.set_ylim(low - pad, top + pad)
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("loss")
+    ax.set_title(title or "Learning-rate finder")
+    ax.legend(loc="upper left")
+    return fig
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) index of each run of True in a boolean array."""
+    runs, start = [], None
+    for i, flag in enumerate(mask):
+        if flag and start is None:
+            start = i
+        if not flag and start is not None:
+            runs.append((start, i - 1))
+            start = None
+    if start is not None:
+        runs.append((start, len(mask) - 1))
+    return runs
+
+
+@_styled
+def loss_curves_figure(histories: Mapping[str, pd.DataFrame]) -> Figure:
+    """Training and validation loss per epoch, one panel per model (the study's Figure 2).
+
+    Epochs trained with a frozen backbone (``phase == "frozen"``) are shaded.
+
+    Args:
+        histories: Model name to its training history, with at least the columns
+            ``epoch`` (0-based), ``train_loss`` and ``valid_loss``; ``phase`` is optional.
+
+    Returns:
+        The figure, one axes per model, sharing the y axis.
+
+    Raises:
+        ValueError: If ``histories`` is empty or a history lacks a column.
+    """
+    if not histories:
+        raise ValueError("histories is empty")
+    for name, hist in histories.items():
+        missing = {"epoch", "train_loss", "valid_loss"} - set(hist.columns)
+        if missing:
+            raise ValueError(f"history {name!r} lacks columns: {', '.join(sorted(missing))}")
+    n = len(histories)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig = _new_figure((min(10.0, 1.0 + 3.6 * ncols), 3.6 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True).ravel()
+    palette = sns.color_palette("colorblind")
+    for ax, (name, hist) in zip(axes, histories.items(), strict=False):
+        hist = hist.sort_values("epoch")
+        epoch = hist["epoch"].to_numpy()
+        if "phase" in hist.columns:
+            frozen = (hist["phase"].astype(str) == "frozen").to_numpy()
+            for k, (a, b) in enumerate(_runs(frozen)):
+                ax.axvspan(
+                    epoch[a] - 0.5,
+                    epoch[b] + 0.5,
+                    color="0.5",
+                    alpha=0.15,
+                    lw=0,
+                    label="frozen backbone" if k == 0 else None,
+                )
+        ax.plot(epoch, hist["train_loss"], marker="o", ms=4, color=palette[0], label="train loss")
+        ax.plot(epoch, hist["valid_loss"], marker="s", ms=4, color=palette[1], label="valid loss")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(loc="upper right")
+    for ax in axes[n:]:
+        fig.delaxes(ax)
+    for ax in axes[:n:ncols]:
+        ax.set_ylabel("loss")
+    return fig
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Area under a ROC curve by the trapezoidal rule (as ``sklearn.metrics.auc``)."""
+    order = np.lexsort((tpr, fpr))
+    return float(np.trapezoid(tpr[order], fpr[order]))
+
+
+@_styled
+def roc_curve_figure(
+    curves: Mapping[str, Sequence[ArrayLike]],
+    *,
+    auc_ci: Mapping[str, tuple[float, float]] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """ROC curves of several models on one axes (the study's Figures 3 and 4).
+
+    Args:
+        curves: Model name to ``(fpr, tpr)`` (or the ``(fpr, tpr, thresholds)`` that
+            ``sklearn.metrics.roc_curve`` returns).
+        auc_ci: Model name to the ``(low, high)`` 95% confidence interval of its AUC.
+            The legend reads ``"name (AUC 0.951, 95% CI 0.940-0.962)"``, or
+            ``"name (AUC 0.951)"`` for a model without an interval.
+        title: Axes title; default ``"ROC curves"``.
+
+    Returns:
+        The figure, one square axes.
+
+    Raises:
+        ValueError: If ``curves`` is empty or a curve's arrays differ in length.
+    """
+    if not curves:
+        raise ValueError("curves is empty")
+    fig = _new_figure((6, 6))
+    ax = fig.subplots()
+    palette = sns.color_palette("colorblind")
+    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="0.55", label="chance (AUC 0.500)")
+    for k, (name, curve) in enumerate(curves.items()):
+        fpr = np.asarray(curve[0], dtype=float).reshape(-1)
+        tpr = np.asarray(curve[1], dtype=float).reshape(-1)
+        if fpr.shape != tpr.shape:
+            raise ValueError(f"curve {name!r}: {fpr.size} FPR values but {tpr.size} TPR values")
+        label = f"{name} (AUC {_auc(fpr, tpr):.3f}"
+        if auc_ci and name in auc_ci:
+            low, high = auc_ci[name]
+            label += f", 95% CI {low:.3f}-{high:.3f}"
+        ax.plot(fpr, tpr, lw=2, color=palette[k % len(palette)], label=label + ")")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_title(title or "ROC curves")
+    ax.legend(loc="lower right")
+    return fig
+
+
+@_styled
+def confusion_matrix_figure(matrices: Mapping[str, ArrayLike]) -> Figure:
+    """One 2x2 confusion-matrix heatmap per model.
+
+    Cells show the count and, below it, the share of the true class (row-normalised
+    percentage); colour follows the share, so panels are comparable across models.
+
+    Args:
+        matrices: Model name to a 2x2 count matrix, rows true class and columns
+            predicted class, in label order (normal, tumour), as
+            ``sklearn.metrics.confusion_matrix`` returns.
+
+    Returns:
+        The figure, one axes per model (no colour bar).
+
+    Raises:
+        ValueError: If ``matrices`` is empty or a matrix is not 2x2 non-negative counts.
+    """
+    if not matrices:
+        raise ValueError("matrices is empty")
+    n = len(matrices)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig = _new_figure((min(10.0, 0.6 + 3.4 * ncols), 3.4 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (name, matrix) in zip(axes, matrices.items(), strict=False):
+        cm = np.asarray(matrix)
+        if cm.shape != (2, 2) or (cm < 0).any():
+            raise ValueError(f"matrix {name!r} must be 2x2 non-negative counts; got {cm.shape}")
+        totals = cm.sum(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(totals > 0, cm / np.where(totals > 0, totals, 1), np.nan)
+        annot = np.array(
+            [
+                [
+                    f"{int(cm[i, j]):,}\n({share[i, j]:.1%})"
+                    if np.isfinite(share[i, j])
+                    else f"{int(cm[i, j]):,}"
+                    for j in range(2)
+                ]
+                for i in range(2)
+            ]
+        )
+        sns.heatmap(
+            np.nan_to_num(share),
+            ax=ax,
+            annot=annot,
+            fmt="",
+            cmap="Blues",
+            vmin=0,
+            vmax=1,
+            cbar=False,
+            square=True,
+            linewidths=1,
+            linecolor="white",
+            annot_kws={"fontsize": 11},
+            xticklabels=CLASS_NAMES,
+            yticklabels=CLASS_NAMES,
+        )
+        total = cm.sum()
+        accuracy = np.trace(cm) / total if total else float("nan")
+        ax.set_title(f"{name}\naccuracy {accuracy:.1%}")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.tick_params(axis="y", rotation=90)
+        ax.tick_params(axis="x", rotation=0)
+    for ax in axes[n:]:
+        fig.delaxes(ax)
+    return fig
