@@ -23,8 +23,8 @@ REAL_SUBSET_DATA_DIR = DATA_DIR / "real-subset"
 RUNS_DIR = Path(os.environ.get("PCAM_RUNS_ROOT", REPO_ROOT / "runs"))
 """Training runs: history, checkpoints and predictions."""
 
-REPORTS_DIR = REPO_ROOT / "reports"
-"""Generated reports, one folder per profile."""
+REPORTS_DIR = Path(os.environ.get("PCAM_REPORTS_ROOT", REPO_ROOT / "reports"))
+"""Generated reports, one folder per profile (tests point this elsewhere)."""
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 """The numbered notebooks."""

@@ -233,8 +233,9 @@ class Comparison:
         """2x2 confusion matrices (rows: true normal/tumour) at threshold 0.5."""
         out = {}
         for arch, ev in self.evaluations.items():
-            get = lambda name: int(ev.value(split, name))  # noqa: E731
-            out[arch] = np.array([[get("tn"), get("fp")], [get("fn"), get("tp")]])
+            cells = [[int(ev.value(split, name)) for name in pair]
+                     for pair in (("tn", "fp"), ("fn", "tp"))]
+            out[arch] = np.array(cells)
         return out
 
 
@@ -310,4 +311,6 @@ def compare_runs(
         verdict = M.verdict(a, b, y, pa.prob.to_numpy(), pb.prob.to_numpy(),
                             n_boot=max(profile.n_boot, 200), seed=profile.seed)
     histories = {a: read_history(run_dir_for(profile, a, runs_root)) for a in archs}
-    return Comparison(evals, table1, study, pd.DataFrame(paired_rows), verdict, histories)
+    paired = pd.DataFrame(paired_rows, columns=["variant", "test", "model_a", "model_b",
+                                                "estimate", "ci_low", "ci_high", "p_value"])
+    return Comparison(evals, table1, study, paired, verdict, histories)

@@ -257,7 +257,9 @@ def available_splits(root: str | os.PathLike) -> list[str]:
     ]
 
 
-def read_meta(root: str | os.PathLike, split: str, length: int | None = None) -> pd.DataFrame | None:
+def read_meta(
+    root: str | os.PathLike, split: str, length: int | None = None
+) -> pd.DataFrame | None:
     """Read a split's meta CSV when present.
 
     The official columns are :data:`META_COLUMNS`; imported data has ``source_file``
@@ -342,7 +344,8 @@ class PCamSplit(Dataset):
         return state
 
     def __del__(self) -> None:
-        self.close()
+        if "_pid" in self.__dict__:  # __init__ may have failed before the handles existed
+            self.close()
 
     def _check_process(self) -> None:
         if self._pid is not None and self._pid != os.getpid():
@@ -513,7 +516,9 @@ class PCamWriter:
         self._y = self._fy.create_dataset("y", shape=(length, *LABEL_SHAPE), dtype=np.uint8)
         self._meta_parts: list[pd.DataFrame] | None = [] if meta else None
 
-    def write(self, images: np.ndarray, labels: np.ndarray, meta: pd.DataFrame | None = None) -> None:
+    def write(
+        self, images: np.ndarray, labels: np.ndarray, meta: pd.DataFrame | None = None
+    ) -> None:
         """Append rows.
 
         Args:

@@ -130,7 +130,8 @@ def _validate(p: Profile) -> None:
         )
     if not isinstance(p.epochs, int) or p.epochs < 1:
         fail("epochs", "an integer >= 1")
-    if p.freeze_epochs is not None and (not isinstance(p.freeze_epochs, int) or p.freeze_epochs < 0):
+    freeze = p.freeze_epochs
+    if freeze is not None and (not isinstance(freeze, int) or freeze < 0):
         fail("freeze_epochs", "None or an integer >= 0")
     if p.lr_policy not in ("fixed", "find"):
         fail("lr_policy", "'fixed' or 'find'")

@@ -174,7 +174,9 @@ def build_learner(
         The Learner.
     """
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+        raise ValueError(
+            f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}"
+        )
     device = device or default_device()
     set_seed(profile.seed, reproducible=True)
     dls = pcam_dataloaders(
@@ -276,7 +278,10 @@ def run_lr_find(
             f"lr_find for {arch}: the {profile.lr_suggestion!r} suggestion could not be computed "
             f"from {len(lrs)} points (loss diverged early?); raise lr_find_iters or pick another"
         )
-    chosen = suggestions[profile.lr_suggestion] if profile.lr_policy == "find" else profile.lr_for(arch)
+    if profile.lr_policy == "find":
+        chosen = suggestions[profile.lr_suggestion]
+    else:
+        chosen = profile.lr_for(arch)
     result = LRFindResult(arch, lrs, losses, suggestions, chosen, profile.lr_policy)
     _atomic_write_text(run_dir / "lr_find.json", json.dumps(result.to_dict(), indent=1))
     shutil.rmtree(run_dir / "models", ignore_errors=True)
@@ -335,10 +340,18 @@ class _RunKeeper(Callback):
     order = 80  # after the Recorder has the epoch's metrics
 
     def __init__(self, run_dir: Path, phase: _Phase, start_phase_epoch: int, state: dict,
-                 patience: int):
+                 patience: int, smooth_loss: dict | None = None):
         self.run_dir, self.phase, self.start = run_dir, phase, start_phase_epoch
         self.state, self.patience = state, patience
+        self.smooth_loss = smooth_loss
         self.t0 = time.time()
+
+    def before_fit(self):
+        # The Recorder resets its smoothed train loss at every fit; resuming mid-phase
+        # continues it, so the resumed train_loss equals an uninterrupted run's.
+        if self.start > 0 and self.smooth_loss is not None:
+            self.recorder.smooth_loss.val = self.smooth_loss["val"].clone()
+            self.recorder.smooth_loss.count = self.smooth_loss["count"]
 
     def before_epoch(self):
         self.t0 = time.time()
@@ -366,7 +379,9 @@ class _RunKeeper(Callback):
         # authoritative, so a kill between the two writes loses nothing.
         _atomic_torch_save(
             {"model": self.learn.model.state_dict(), "opt": self.learn.opt.state_dict(),
-             "rng": _rng_state(self.learn), "state": st},
+             "rng": _rng_state(self.learn), "state": st,
+             "smooth_loss": {"val": self.recorder.smooth_loss.val.detach().cpu().clone(),
+                             "count": self.recorder.smooth_loss.count}},
             self.run_dir / "checkpoint.pth",
         )
         write_history(self.run_dir, st["history"])
@@ -522,7 +537,8 @@ def train(
             break
         phase = phases[index]
         start = next_epoch if index == start_index else 0
-        keeper = _RunKeeper(run_dir, phase, start, state, profile.patience)
+        smooth = ckpt.get("smooth_loss") if ckpt and index == start_index else None
+        keeper = _RunKeeper(run_dir, phase, start, state, profile.patience, smooth)
         cbs = [keeper, *extra_cbs]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning)

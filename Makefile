@@ -1,0 +1,51 @@
+# pcam-repro: `make help` lists the targets. `make reproduce` and `make test` install
+# everything into .venv on first use, so each is a single command on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+SHARED_SUBSET := ../shared/data/pcam-real-subset
+TEST_REPORTS := $(or $(TMPDIR),/tmp)/pcam-repro-test-reports
+
+.DEFAULT_GOAL := help
+.PHONY: help install reproduce test lab bench lint notebooks real-subset clean
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -e ".[dev]"
+	$(VPY) -m ipykernel install --sys-prefix --name pcam-repro --display-name "pcam-repro (.venv)" >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install pcamlib with every dependency (pinned torch)
+
+reproduce: $(STAMP) ## Regenerate reports/sample/ from the notebooks (generates the sample data)
+	$(VENV)/bin/pcamlib reproduce --profile sample
+
+test: $(STAMP) ## Run the tests: unit, papermill and nbval over notebooks/
+	PCAM_REPORTS_ROOT=$(TEST_REPORTS) $(VPY) -m pytest tests notebooks --nbval \
+		--nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
+		--nbval-cell-timeout=1800 -p no:cacheprovider
+
+lab: $(STAMP) ## Start JupyterLab with the project's kernel
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+bench: $(STAMP) ## Run the CPU benchmarks into reports/bench/ (ratios, with a summary)
+	$(VPY) bench/run_all.py --out reports/bench
+
+lint: $(STAMP) ## ruff over the package, tests and benchmarks
+	$(VENV)/bin/ruff check pcamlib tests bench
+
+notebooks: $(STAMP) ## Re-execute notebooks/ in place with their defaults (refresh committed outputs)
+	$(VENV)/bin/pcamlib refresh-notebooks
+
+real-subset: $(STAMP) ## Import ../shared's real PCam subset and reproduce the real-subset report
+	test -d data/real-subset || $(VENV)/bin/pcamlib import folders $(SHARED_SUBSET) --dest data/real-subset
+	$(VENV)/bin/pcamlib reproduce --profile real-subset
+
+clean: ## Remove generated data, runs and test outputs (keeps .venv and reports/)
+	rm -rf data/sample runs $(TEST_REPORTS)

@@ -1,0 +1,228 @@
+"""The ``pcamlib`` command line: get data, train, evaluate, reproduce the report.
+
+Examples::
+
+    pcamlib sample --dest data/sample
+    pcamlib download --dest data/pcam
+    pcamlib import folders ../shared/data/pcam-real-subset --dest data/real-subset
+    pcamlib validate data/real-subset
+    pcamlib train --profile real-subset --arch resnet18
+    pcamlib reproduce --profile sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from pcamlib import config
+
+
+def _overrides(pairs: list[str] | None) -> dict:
+    """Parse ``--set key=value`` pairs; values are JSON when they parse, else strings."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _cmd_download(args) -> int:
+    from pcamlib.download import download_pcam
+
+    paths = download_pcam(args.dest, splits=args.splits, progress=not args.quiet)
+    print(f"{len(paths)} files ready in {args.dest}")
+    return 0
+
+
+def _cmd_import(args) -> int:
+    from pcamlib.importer import import_image_folders, import_kaggle
+
+    on_bad = "skip" if args.skip_bad else "error"
+    if args.layout == "folders":
+        result = import_image_folders(args.src, args.dest, splits=args.splits, on_bad=on_bad,
+                                      progress=not args.quiet)
+    else:
+        result = import_kaggle(args.src, args.dest, valid_fraction=args.valid_fraction,
+                               test_fraction=args.test_fraction, seed=args.seed, on_bad=on_bad,
+                               progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    from pcamlib.sample import DEFAULT_SIZES, write_sample
+
+    sizes = dict(DEFAULT_SIZES)
+    for split in ("train", "valid", "test"):
+        value = getattr(args, split)
+        if value is not None:
+            sizes[split] = value
+    infos = write_sample(args.dest, sizes=None if args.full_size else sizes, seed=args.seed,
+                         fast=args.fast, progress=not args.quiet,
+                         **({"full_size": True} if args.full_size else {}))
+    for split, info in infos.items():
+        print(f"{split}: {info.length:,} rows, {info.positives:,} positives -> {info.x_path}")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from pcamlib.pcam import SPLITS, validate_split
+
+    for split in args.splits or SPLITS:
+        info = validate_split(args.data_dir, split, full_size=args.full_size)
+        meta = "meta CSV" if info.meta_path else "no meta CSV"
+        print(f"{split}: {info.length:,} rows, {info.positives:,} positives, {meta}: ok")
+    return 0
+
+
+def _profile(args):
+    from pcamlib.profiles import get_profile
+
+    overrides = _overrides(args.set)
+    if getattr(args, "archs", None):
+        overrides["archs"] = args.archs
+    return get_profile(args.profile, data_dir=args.data_dir, **overrides)
+
+
+def _cmd_train(args) -> int:
+    from pcamlib.train import train
+
+    profile = _profile(args)
+    for arch in args.arch or profile.archs:
+        result = train(profile, arch, runs_root=args.runs_dir, progress=not args.quiet,
+                       restart=args.restart)
+        print(result.history.to_string(index=False))
+        print(f"{arch}: best epoch {result.best_epoch}, {result.seconds / 60:.1f} min, "
+              f"pretrained={result.pretrained}, run in {result.run_dir}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from pcamlib.evaluate import compare_runs
+
+    profile = _profile(args)
+    comp = compare_runs(profile, runs_root=args.runs_dir, progress=not args.quiet)
+    print(comp.table1.to_string(index=False))
+    print(comp.verdict)
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    from pcamlib.reproduce import reproduce
+
+    reproduce(args.profile, data_dir=args.data_dir, archs=args.archs,
+              overrides=_overrides(args.set), runs_root=args.runs_dir, kernel=args.kernel,
+              fresh=args.fresh, progress=not args.quiet)
+    return 0
+
+
+def _cmd_refresh_notebooks(args) -> int:
+    from pcamlib.reproduce import refresh_notebooks
+
+    for path in refresh_notebooks(progress=not args.quiet):
+        print(f"refreshed {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``pcamlib`` command."""
+    from pcamlib.pcam import SPLITS
+    from pcamlib.profiles import ARCHITECTURES, PROFILES
+
+    parser = argparse.ArgumentParser(prog="pcamlib", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def quiet(p):
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("download", help="download the official PCam files (Zenodo 2546921)")
+    p.add_argument("--dest", type=Path, default=config.PCAM_DATA_DIR)
+    p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
+    quiet(p)
+    p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("import", help="build PCam-format HDF5 from image folders or Kaggle")
+    p.add_argument("layout", choices=["folders", "kaggle"],
+                   help="folders: SRC/{split}/{0,1}/*.jpg|png|tif; kaggle: SRC/train/<id>.tif "
+                        "+ SRC/train_labels.csv")
+    p.add_argument("src", type=Path)
+    p.add_argument("--dest", type=Path, required=True)
+    p.add_argument("--splits", nargs="+", choices=SPLITS, help="folders: splits to import")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip (and list) unreadable or non-96x96 images instead of failing")
+    p.add_argument("--valid-fraction", type=float, default=0.1, help="kaggle: valid share")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="kaggle: test share")
+    p.add_argument("--seed", type=int, default=0, help="kaggle: split seed")
+    quiet(p)
+    p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("sample", help="write the embedded generated PCam-format dataset")
+    p.add_argument("--dest", type=Path, default=config.SAMPLE_DATA_DIR)
+    p.add_argument("--seed", type=int, default=0)
+    for split in SPLITS:
+        p.add_argument(f"--{split}", type=int, help=f"rows in {split}")
+    p.add_argument("--full-size", action="store_true", help="official sizes (262,144 train)")
+    p.add_argument("--fast", action="store_true",
+                   help="tile a small pool of patches (for throughput benchmarks)")
+    quiet(p)
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("validate", help="check a PCam-format directory")
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--splits", nargs="+", choices=SPLITS)
+    p.add_argument("--full-size", action="store_true", help="require the official lengths")
+    p.set_defaults(func=_cmd_validate)
+
+    for name, func, text in (("train", _cmd_train, "train architectures (resumable)"),
+                             ("evaluate", _cmd_evaluate, "evaluate and compare finished runs"),
+                             ("reproduce", _cmd_reproduce, "run the notebooks into reports/")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--profile", choices=list(PROFILES), default="sample")
+        p.add_argument("--data-dir", type=Path, help="PCam-format data (default: profile's)")
+        p.add_argument("--archs", nargs="+", choices=ARCHITECTURES)
+        p.add_argument("--runs-dir", type=Path, help="runs root (default: runs/)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a profile field, e.g. --set epochs=3 (repeatable)")
+        quiet(p)
+        p.set_defaults(func=func)
+        if name == "train":
+            p.add_argument("--arch", nargs="+", choices=ARCHITECTURES,
+                           help="architectures to train (default: the profile's)")
+            p.add_argument("--restart", action="store_true",
+                           help="set an existing run aside and start over")
+        if name == "reproduce":
+            p.add_argument("--kernel", default="python3", help="Jupyter kernel")
+            p.add_argument("--fresh", action="store_true",
+                           help="train again instead of reusing finished runs")
+    p = sub.add_parser("refresh-notebooks",
+                       help="re-execute notebooks/ in place with their defaults (sample)")
+    quiet(p)
+    p.set_defaults(func=_cmd_refresh_notebooks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
