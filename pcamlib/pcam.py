@@ -93,7 +93,8 @@ def file_name(split: str, kind: str) -> str:
 
 # Download checksums follow torchvision, which corrected the PCam README's swap of the
 # valid and test rows (pytorch/vision PR 6644); decompressed checksums follow kaiko-ai/eva.
-# Meta CSV checksums are those listed in the PCam README.
+# The README swaps the valid and test meta CSV checksums too; these are the md5s of the
+# files themselves (as computed by e.g. dvc pipelines that download them by id).
 _CHECKSUMS: dict[tuple[str, str], tuple[str, str]] = {
     ("train", "x"): ("1571f514728f59376b705fc836ff4b63", "01844da899645b4d6f84946d417ba453"),
     ("train", "y"): ("35c2d7259d906cfc8143347bb8e05be7", "0781386bf6c2fb62d58ff18891466aca"),
@@ -102,8 +103,8 @@ _CHECKSUMS: dict[tuple[str, str], tuple[str, str]] = {
     ("test", "x"): ("d8c2d60d490dbd479f8199bdfa0cf6ec", "2614b2e6717d6356be141d9d6dbfcb7e"),
     ("test", "y"): ("60a7035772fbdb7f34eb86d4420cf66a", "11ed647efe9fe457a4eb45df1dba19ba"),
     ("train", "meta"): ("5a3dd671e465cfd74b5b822125e65b0a", "5a3dd671e465cfd74b5b822125e65b0a"),
-    ("valid", "meta"): ("3455fd69135b66734e1008f3af684566", "3455fd69135b66734e1008f3af684566"),
-    ("test", "meta"): ("67589e00a4a37ec317f2d1932c7502ca", "67589e00a4a37ec317f2d1932c7502ca"),
+    ("valid", "meta"): ("67589e00a4a37ec317f2d1932c7502ca", "67589e00a4a37ec317f2d1932c7502ca"),
+    ("test", "meta"): ("3455fd69135b66734e1008f3af684566", "3455fd69135b66734e1008f3af684566"),
 }
 
 PCAM_FILES: dict[tuple[str, str], PCamFile] = {
