@@ -146,6 +146,13 @@ def _mixed_precision(profile: Profile, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}"
+        )
+
+
 def build_learner(
     profile: Profile,
     arch: str,
@@ -173,10 +180,7 @@ def build_learner(
     Returns:
         The Learner.
     """
-    if arch not in ARCHITECTURES:
-        raise ValueError(
-            f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}"
-        )
+    _check_arch(arch)
     device = device or default_device()
     set_seed(profile.seed, reproducible=True)
     dls = pcam_dataloaders(
@@ -233,6 +237,7 @@ class LRFindResult:
 
 
 def _prepare(profile: Profile, arch: str, runs_root, progress: bool, device=None):
+    _check_arch(arch)
     run_dir = run_dir_for(profile, arch, runs_root)
     run_dir.mkdir(parents=True, exist_ok=True)
     choice = choose_pretrained(arch, profile.pretrained)
@@ -490,6 +495,7 @@ def train(
     Returns:
         The finished run.
     """
+    _check_arch(arch)  # before anything is created or an LR is looked up
     device = torch.device(device) if device is not None else default_device()
     run_dir = run_dir_for(profile, arch, runs_root)
     if restart:

@@ -1,0 +1,330 @@
+"""Training engine: parameter validation, resume after a kill, early stopping, lr_find.
+
+Training runs on tiny learnable toy data (128/64/64 rows, resnet18, bs 32) on the CPU.
+The module fixtures train once and are shared by several tests; tests that change a run
+work on a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fastai.callback.core import Callback
+
+import pcamlib.train as T
+from pcamlib.pcam import PCamWriter
+from pcamlib.profiles import get_profile
+
+ARCH = "resnet18"
+SIZES = {"train": 128, "valid": 64, "test": 64}
+COMPARED = ["epoch", "phase", "phase_epoch", "train_loss", "valid_loss", "accuracy", "auc"]
+
+
+def write_toy_pcam(root: Path, sizes=SIZES, seed: int = 0) -> Path:
+    """Learnable toy PCam: noisy background, label 1 = dark blue centre 32x32."""
+    rng = np.random.default_rng(seed)
+    for split, n in sizes.items():
+        x = rng.integers(100, 200, (n, 96, 96, 3), dtype=np.uint8)
+        y = (np.arange(n) % 2).astype(np.uint8)
+        x[y == 1, 32:64, 32:64, 2] = 40
+        with PCamWriter(root, split, n) as writer:
+            writer.write(x, y)
+    return root
+
+
+def make_profile(data_dir: Path, **overrides):
+    params = dict(data_dir=data_dir, archs=[ARCH], epochs=3, bs=32, n_boot=50,
+                  lr_find_iters=10, pretrained="no")
+    params.update(overrides)
+    return get_profile("sample", **params)
+
+
+class SimulatedKill(Exception):
+    """Stands for the process being killed."""
+
+
+class KillAfterFirstEpoch(Callback):
+    """Raise once epoch 0 is over; runs after _RunKeeper (order 80) has saved it."""
+
+    order = 90
+
+    def after_epoch(self):
+        if self.epoch == 0:
+            raise SimulatedKill("simulated kill after epoch 0")
+
+
+class CountTraining(Callback):
+    """Counts fits, trained epochs and training batches."""
+
+    def __init__(self):
+        self.fits = self.epochs = self.batches = 0
+
+    def before_fit(self):
+        self.fits += 1
+
+    def before_train(self):
+        self.epochs += 1
+
+    def after_batch(self):
+        if self.training:
+            self.batches += 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def empty_weights_cache(tmp_path_factory):
+    """Point the torch hub cache at an empty folder: no ImageNet weights anywhere."""
+    hub = tmp_path_factory.mktemp("hub")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.hub, "get_dir", lambda: str(hub))
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_toy_pcam(tmp_path_factory.mktemp("toy") / "pcam")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """Run A: 3 epochs without interruption (pretrained='auto', no weights cached)."""
+    runs = tmp_path_factory.mktemp("runs_a")
+    profile = make_profile(data_dir, pretrained="auto")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = T.train(profile, ARCH, runs_root=runs, progress=False)
+    return {"profile": profile, "runs": runs, "result": result, "warnings": list(caught),
+            "run_json": json.loads((result.run_dir / "run.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def resumed(data_dir, tmp_path_factory, uninterrupted):
+    """Run B: the same parameters, killed after epoch 0, then trained again."""
+    runs = tmp_path_factory.mktemp("runs_b")
+    profile = make_profile(data_dir, pretrained="auto")
+    run_dir = T.run_dir_for(profile, ARCH, runs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(SimulatedKill):
+            T.train(profile, ARCH, runs_root=runs, progress=False,
+                    extra_cbs=[KillAfterFirstEpoch()])
+        after_kill = {
+            "history": T.read_history(run_dir),
+            "checkpoint": (run_dir / "checkpoint.pth").is_file(),
+            "run_json": (run_dir / "run.json").is_file(),
+        }
+        result = T.train(profile, ARCH, runs_root=runs, progress=False)
+    return {"profile": profile, "runs": runs, "after_kill": after_kill, "result": result,
+            "run_json": json.loads((run_dir / "run.json").read_text())}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"archs": ["vgg16"]}, ["architecture", "vgg16"]),
+        ({"lrs": {"resnet": -0.1}}, ["learning rate", "'resnet'", "-0.1"]),
+        ({"lrs": {"resnet": 0}}, ["learning rate", "'resnet'"]),
+        ({"lrs": {"densenet": 0.0}}, ["learning rate", "'densenet'"]),
+        ({"patience": -1}, ["patience"]),
+        ({"bs": 0}, ["bs", "batch size"]),
+        ({"epochs": 0}, ["epochs"]),
+        ({"epoch": 3}, ["'epoch'"]),
+        ({"lr_policy": "guess"}, ["lr_policy"]),
+        ({"pretrained": "maybe"}, ["pretrained"]),
+    ],
+)
+def test_bad_profile_parameter_is_named(tmp_path, overrides, words):
+    with pytest.raises(ValueError) as err:
+        get_profile("sample", data_dir=tmp_path, **overrides)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_unknown_profile_name_is_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown profile 'nope'.*sample"):
+        get_profile("nope", data_dir=tmp_path)
+
+
+def test_train_rejects_unknown_architecture_before_creating_anything(data_dir, tmp_path):
+    profile = make_profile(data_dir)
+    with pytest.raises(ValueError, match="unknown architecture 'vgg16'.*resnet18"):
+        T.train(profile, "vgg16", runs_root=tmp_path / "runs", progress=False)
+    with pytest.raises(ValueError, match="unknown architecture 'vgg16'"):
+        T.run_lr_find(profile, "vgg16", runs_root=tmp_path / "runs", progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_study_learning_rates_with_fixed_policy():
+    paper = get_profile("paper")
+    assert paper.lr_policy == "fixed"
+    assert T.chosen_lr(paper, "densenet121") == 0.0057
+    assert T.chosen_lr(paper, "resnet50") == 0.0012
+
+
+# --------------------------------------------------------------------------- pretrained
+
+
+def test_pretrained_yes_without_weights_raises(data_dir, tmp_path, empty_weights_cache):
+    profile = make_profile(data_dir, pretrained="yes")
+    expected = T.pretrained_weights_file(ARCH)
+    assert expected.parent.parent == empty_weights_cache
+    with pytest.raises(FileNotFoundError) as err:
+        T.train(profile, ARCH, runs_root=tmp_path, progress=False)
+    assert str(expected) in str(err.value)
+    assert "pretrained='yes'" in str(err.value)
+    assert not (T.run_dir_for(profile, ARCH, tmp_path) / "run.json").exists()
+
+
+@pytest.mark.slow
+def test_pretrained_auto_warns_and_records_scratch(uninterrupted):
+    expected = str(T.pretrained_weights_file(ARCH))
+    messages = [str(w.message) for w in uninterrupted["warnings"]]
+    assert any(expected in m and "from scratch" in m for m in messages), messages
+    run = uninterrupted["run_json"]
+    assert run["pretrained"] is False
+    assert expected in run["pretrained_message"]
+    assert run["pretrained_message"] in messages
+    params = json.loads((uninterrupted["result"].run_dir / "params.json").read_text())
+    assert params["pretrained"] == "auto" and params["pretrained_used"] is False
+    assert params["normalisation"]["source"] == "train split"
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@pytest.mark.slow
+def test_killed_run_keeps_finished_epoch(resumed):
+    after = resumed["after_kill"]
+    assert after["checkpoint"]
+    assert not after["run_json"], "a killed run must not look complete"
+    assert after["history"]["epoch"].tolist() == [0]
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_uninterrupted_run(uninterrupted, resumed):
+    a, b = uninterrupted["result"], resumed["result"]
+    assert b.resumed_from == 1
+    assert a.resumed_from == 0
+    assert list(a.history.columns) == T.HISTORY_COLUMNS
+    assert a.history["epoch"].tolist() == [0, 1, 2]
+    assert a.history["phase"].tolist() == ["scratch"] * 3
+    # Exact: weights, optimiser, RNG streams and the smoothed train loss are restored.
+    pd.testing.assert_frame_equal(b.history[COMPARED], a.history[COMPARED], check_exact=True)
+    on_disk = T.read_history(b.run_dir)
+    pd.testing.assert_frame_equal(on_disk[COMPARED], a.history[COMPARED], check_exact=False,
+                                  rtol=1e-12)
+    assert (b.run_dir / "best.pth").is_file()
+    assert b.best_epoch == a.best_epoch
+    best_a = torch.load(a.run_dir / "best.pth")
+    best_b = torch.load(b.run_dir / "best.pth")
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+    run = resumed["run_json"]
+    assert run["complete"] is True
+    assert run["epochs_run"] == 3
+    assert run["resumed_from"] == 1
+    assert run["best_epoch"] == a.best_epoch
+    assert run["stopped_early"] is False
+    assert run["lr"] == pytest.approx(0.01)
+
+
+@pytest.mark.slow
+def test_finished_run_is_not_redone(resumed):
+    profile, runs = resumed["profile"], resumed["runs"]
+    before = T.read_history(T.run_dir_for(profile, ARCH, runs))
+    counter = CountTraining()
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = T.train(profile, ARCH, runs_root=runs, progress=False, extra_cbs=[counter])
+    assert (counter.fits, counter.epochs, counter.batches) == (0, 0, 0)
+    assert again.resumed_from == 3
+    assert time.time() - t0 < 60
+    pd.testing.assert_frame_equal(again.history, resumed["result"].history)
+    pd.testing.assert_frame_equal(T.read_history(again.run_dir), before)
+    assert again.best_epoch == resumed["result"].best_epoch
+
+
+@pytest.mark.slow
+def test_changed_parameter_raises_and_restart_sets_run_aside(uninterrupted, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(uninterrupted["runs"], runs)
+    changed = make_profile(uninterrupted["profile"].data_dir, pretrained="auto", epochs=1)
+    run_dir = T.run_dir_for(changed, ARCH, runs)
+    with warnings.catch_warnings(), pytest.raises(T.RunParameterError,
+                                                  match=r"epochs: was 3, now 1"):
+        warnings.simplefilter("ignore")
+        T.train(changed, ARCH, runs_root=runs, progress=False)
+    assert len(T.read_history(run_dir)) == 3, "a refused run must be left alone"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = T.train(changed, ARCH, runs_root=runs, progress=False, restart=True)
+    aside = [p for p in run_dir.parent.iterdir() if p.name.startswith(f"{ARCH}.replaced-")]
+    assert len(aside) == 1
+    assert len(T.read_history(aside[0])) == 3
+    assert json.loads((aside[0] / "params.json").read_text())["epochs"] == 3
+    assert result.resumed_from == 0
+    assert result.history["epoch"].tolist() == [0]
+    assert json.loads((run_dir / "params.json").read_text())["epochs"] == 1
+    assert json.loads((run_dir / "run.json").read_text())["complete"] is True
+
+
+# --------------------------------------------------------------------------- early stopping
+
+
+@pytest.mark.slow
+def test_early_stopping_on_rising_valid_loss(data_dir, tmp_path):
+    profile = make_profile(data_dir, epochs=4, patience=1, lrs={"resnet": 5.0})
+    result = T.train(profile, ARCH, runs_root=tmp_path, progress=False)
+    history = result.history
+    assert result.stopped_early
+    assert len(history) < profile.epochs
+    assert history["valid_loss"].iloc[-1] >= history["valid_loss"].iloc[:-1].min()
+    assert result.best_epoch == int(history["epoch"].iloc[np.nanargmin(history["valid_loss"])])
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["stopped_early"] is True and run["complete"] is True
+    assert run["epochs_run"] == len(history)
+    assert run["best_epoch"] == result.best_epoch
+    assert (result.run_dir / "best.pth").is_file()
+
+
+# --------------------------------------------------------------------------- lr_find
+
+
+@pytest.mark.slow
+def test_lr_find_suggestions_and_chosen_lr(data_dir, tmp_path, monkeypatch):
+    profile = make_profile(data_dir, lr_policy="find", lr_suggestion="valley")
+    found = T.run_lr_find(profile, ARCH, runs_root=tmp_path, progress=False)
+    assert 0 < len(found.lrs) <= profile.lr_find_iters
+    assert len(found.lrs) == len(found.losses)
+    assert np.all(np.diff(found.lrs) > 0)
+    assert "valley" in found.suggestions
+    assert set(found.suggestions) <= {"valley", "minimum", "steep", "slide"}
+    assert all(min(found.lrs) <= v <= max(found.lrs) for v in found.suggestions.values())
+    assert found.chosen == found.suggestions["valley"]
+    assert found.policy == "find"
+
+    run_dir = T.run_dir_for(profile, ARCH, tmp_path)
+    saved = json.loads((run_dir / "lr_find.json").read_text())
+    assert saved["suggestions"] == found.suggestions
+    assert saved["chosen"] == found.chosen
+    assert not (run_dir / "models").exists(), "lr_find's temporary weights are removed"
+    assert T.read_lr_find(profile, ARCH, tmp_path) == found
+
+    def no_rerun(*args, **kwargs):
+        raise AssertionError("lr_find must be reused, not run again")
+
+    monkeypatch.setattr(T, "run_lr_find", no_rerun)
+    assert T.chosen_lr(profile, ARCH, tmp_path, progress=False) == found.chosen
+    fixed = make_profile(data_dir, lr_policy="fixed", lrs={"resnet": 0.0042})
+    assert T.chosen_lr(fixed, ARCH, tmp_path, progress=False) == 0.0042
