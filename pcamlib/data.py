@@ -314,7 +314,7 @@ def pcam_dataloaders(
     train_split: str = "train",
     valid_split: str = "valid",
 ) -> DataLoaders:
-    """fastai DataLoaders for a PCam-format directory.
+    """Fastai DataLoaders for a PCam-format directory.
 
     Args:
         data_dir: Directory with PCam-format files.
