@@ -45,6 +45,9 @@ class Profile:
         bs: Training batch size (the study used 64).
         wd: Weight decay (SGD).
         mom: SGD momentum.
+        optimizer: ``fastai`` (fastai's SGD: decoupled weight decay, a Python loop over
+            parameters) or ``torch`` (``torch.optim.SGD`` with ``foreach``: one fused
+            update for all parameters, L2 weight decay); same momentum and decay values.
         patience: Early-stopping patience on valid loss, in epochs.
         seed: Seed of every RNG.
         pretrained: ``auto`` (use ImageNet weights when in the local torch hub cache),
@@ -73,6 +76,7 @@ class Profile:
     bs: int = 64
     wd: float = 0.01
     mom: float = 0.9
+    optimizer: str = "fastai"
     patience: int = 3
     seed: int = 42
     pretrained: str = "auto"
@@ -153,6 +157,8 @@ def _validate(p: Profile) -> None:
         fail("wd", "a number in [0, 1)")
     if not 0 <= p.mom < 1:
         fail("mom", "a number in [0, 1)")
+    if p.optimizer not in ("fastai", "torch"):
+        fail("optimizer", "'fastai' or 'torch'")
     if not isinstance(p.patience, int) or p.patience < 0:
         fail("patience", "an integer >= 0 (0 disables early stopping)")
     if p.pretrained not in ("auto", "yes", "no"):
@@ -204,6 +210,9 @@ PROFILES: dict[str, Profile] = {
         epochs=10,
         lr_policy="fixed",
         lrs=dict(STUDY_LRS),
+        # On a GPU fastai's per-parameter Python update costs ~25% of the step
+        # (bench/gpu.sh); torch's foreach SGD does the same SGD in a few kernels.
+        optimizer="torch",
         lr_find_iters=100,
         patience=3,
         n_boot=1000,

@@ -15,6 +15,7 @@ nothing finished is lost or redone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -36,7 +37,7 @@ from fastai.callback.schedule import minimum, slide, steep, valley
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import RocAucBinary, accuracy
-from fastai.optimizer import SGD
+from fastai.optimizer import SGD, OptimWrapper
 from fastai.torch_core import set_seed
 from fastai.vision.learner import vision_learner
 
@@ -153,6 +154,14 @@ def _check_arch(arch: str) -> None:
         )
 
 
+def optimizer_func(profile: Profile):
+    """The fastai ``opt_func`` of the profile's SGD (see ``Profile.optimizer``)."""
+    if profile.optimizer == "fastai":
+        return partial(SGD, mom=profile.mom)
+    return partial(OptimWrapper, opt=torch.optim.SGD, momentum=profile.mom,
+                   weight_decay=profile.wd, foreach=True)
+
+
 def build_learner(
     profile: Profile,
     arch: str,
@@ -193,7 +202,7 @@ def build_learner(
         learn = vision_learner(
             dls, getattr(torchvision.models, arch), n_out=2, pretrained=pretrained.used,
             normalize=False, loss_func=CrossEntropyLossFlat(),
-            opt_func=partial(SGD, mom=profile.mom), wd=profile.wd,
+            opt_func=optimizer_func(profile), wd=profile.wd,
             metrics=[accuracy, RocAucBinary()], path=run_dir, model_dir="models",
         )
     if device.type == "cuda":
@@ -450,7 +459,12 @@ def _check_params(run_dir: Path, params: dict) -> None:
     if not path.is_file():
         return
     old = json.loads(path.read_text())
-    diffs = [k for k in sorted(set(old) | set(params)) if old.get(k) != params.get(k)]
+    defaults = json.loads(json.dumps(
+        {f.name: f.default for f in dataclasses.fields(Profile)
+         if f.default is not dataclasses.MISSING}))
+    # A field added to Profile after the run was made counts as its default then.
+    diffs = [k for k in sorted(set(old) | set(params))
+             if old.get(k, defaults.get(k)) != params.get(k)]
     if diffs:
         details = "; ".join(f"{k}: was {old.get(k)!r}, now {params.get(k)!r}" for k in diffs[:5])
         raise RunParameterError(

@@ -328,3 +328,30 @@ def test_lr_find_suggestions_and_chosen_lr(data_dir, tmp_path, monkeypatch):
     assert T.chosen_lr(profile, ARCH, tmp_path, progress=False) == found.chosen
     fixed = make_profile(data_dir, lr_policy="fixed", lrs={"resnet": 0.0042})
     assert T.chosen_lr(fixed, ARCH, tmp_path, progress=False) == 0.0042
+
+
+@pytest.mark.slow
+def test_torch_foreach_sgd_resumes_exactly(data_dir, tmp_path):
+    """The GPU-friendly optimiser keeps the resume contract and the study's hyper-parameters."""
+    profile = make_profile(data_dir, optimizer="torch", epochs=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = T.train(profile, ARCH, runs_root=tmp_path / "a", progress=False)
+        with pytest.raises(SimulatedKill):
+            T.train(profile, ARCH, runs_root=tmp_path / "b", progress=False,
+                    extra_cbs=[KillAfterFirstEpoch()])
+        resumed = T.train(profile, ARCH, runs_root=tmp_path / "b", progress=False)
+        learn = T.load_best_learner(profile, ARCH, runs_root=tmp_path / "b")[0]
+    learn.create_opt()
+    torch_opt = learn.opt.opt
+    assert isinstance(torch_opt, torch.optim.SGD) and torch_opt.defaults["foreach"] is True
+    assert torch_opt.param_groups[0]["momentum"] == pytest.approx(0.9)
+    assert torch_opt.param_groups[0]["weight_decay"] == pytest.approx(profile.wd)
+    assert resumed.resumed_from == 1
+    pd.testing.assert_frame_equal(full.history.drop(columns="seconds"),
+                                  resumed.history.drop(columns="seconds"), check_exact=True)
+
+
+def test_unknown_optimizer_is_named(tmp_path):
+    with pytest.raises(ValueError, match="optimizer must be 'fastai' or 'torch'"):
+        get_profile("sample", data_dir=tmp_path, optimizer="adam")
