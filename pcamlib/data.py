@@ -19,6 +19,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.torch_core import TensorCategory, TensorImage
 from fasttransform import Pipeline, Transform
+from torch.utils.data import get_worker_info
 
 from pcamlib.pcam import CENTRE_BOX, PCamSplit
 
@@ -72,7 +73,8 @@ class PCamDataLoader(DataLoader):
             yield self._read(batch)
 
     def _read(self, indices: list[int]) -> tuple[TensorImage, TensorCategory]:
-        x, y = self.dataset.read_batch(indices)
+        in_worker = get_worker_info() is not None
+        x, y = self.dataset.read_batch(indices, shared=in_worker)
         return TensorImage(x), TensorCategory(y)
 
 
