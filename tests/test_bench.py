@@ -72,11 +72,11 @@ def test_free_space_check_names_the_shortfall(tmp_path):
 
 def test_summary_from_csvs(tmp_path):
     pd.DataFrame([
-        {"loader": "pcamlib_pipeline_aug_off", "workers": 0, "batch_size": 64, "images": 640,
+        {"loader": "pcamlib_raw_uint8", "workers": 0, "batch_size": 64, "images": 640,
          "seconds": 0.1, "images_per_s": 6400.0, "ratio_vs_torchvision": 32.0},
         {"loader": "torchvision_pcam", "workers": 0, "batch_size": 64, "images": 640,
          "seconds": 3.2, "images_per_s": 200.0, "ratio_vs_torchvision": 1.0},
-        {"loader": "pcamlib_pipeline_aug_off", "workers": 2, "batch_size": 64, "images": 640,
+        {"loader": "pcamlib_raw_uint8", "workers": 2, "batch_size": 64, "images": 640,
          "seconds": 0.1, "images_per_s": 2000.0, "ratio_vs_torchvision": 10.0},
         {"loader": "torchvision_pcam", "workers": 2, "batch_size": 64, "images": 640,
          "seconds": 3.2, "images_per_s": 200.0, "ratio_vs_torchvision": 1.0},
@@ -107,9 +107,9 @@ def test_summary_from_csvs(tmp_path):
     lines = {line for line in text.splitlines() if line.startswith("| ")}
     verdicts = {line.split("|")[2].strip(): line.split("|")[-2].strip() for line in lines
                 if line.count("|") == 6}
-    assert verdicts["pcamlib_pipeline_aug_off / torchvision_pcam, workers=0 (6,400 img/s)"] \
+    assert verdicts["pcamlib_raw_uint8 / torchvision_pcam, workers=0 (6,400 img/s)"] \
         == "PASS"
-    assert verdicts["pcamlib_pipeline_aug_off / torchvision_pcam, workers=2 (2,000 img/s)"] \
+    assert verdicts["pcamlib_raw_uint8 / torchvision_pcam, workers=2 (2,000 img/s)"] \
         == "FAIL"
     assert verdicts["peak_streaming (262,144 rows, workers=0)"] == "PASS"
     assert verdicts["fastai / bare, resnet18 (bs 64, 349.0 img/s)"] == "PASS"
