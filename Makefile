@@ -32,7 +32,7 @@ test: $(STAMP) ## Run the tests: unit, papermill and nbval over notebooks/
 		--nbval-cell-timeout=1800 -p no:cacheprovider
 
 lab: $(STAMP) ## Start JupyterLab with the project's kernel
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: $(STAMP) ## Run the CPU benchmarks into reports/bench/ (ratios, with a summary)
 	$(VPY) bench/run_all.py --out reports/bench

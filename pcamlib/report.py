@@ -137,7 +137,9 @@ def report_context(
         The context; the data exists (the sample is generated when needed).
     """
     prof = get_profile(profile, data_dir=data_dir or None, **(overrides or {}))
-    ensure_data(prof, progress=progress)
+    # Generating the sample takes seconds; a progress bar here would only make the
+    # notebook's first run print differently from later ones.
+    ensure_data(prof, progress=False)
     report = Path(report_dir) if report_dir else config.REPORTS_DIR / prof.name
     runs = Path(runs_dir) if runs_dir else config.RUNS_DIR
     report.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,8 @@ def lab_server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}",
          "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
-         f"--ServerApp.root_dir={config.NOTEBOOKS_DIR}", "--ServerApp.open_browser=False"],
+         f"--ServerApp.root_dir={config.NOTEBOOKS_DIR}", "--ServerApp.open_browser=False",
+         *(["--allow-root"] if os.geteuid() == 0 else [])],  # CI runs as root
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
     )
     base = f"http://127.0.0.1:{port}"
