@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pcamlib.pcam import PCamWriter
 
@@ -49,3 +50,12 @@ def make_pcam_dir(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+@pytest.fixture(scope="module")
+def empty_weights_cache(tmp_path_factory):
+    """Point the torch hub cache at an empty folder: no ImageNet weights anywhere."""
+    hub = tmp_path_factory.mktemp("hub")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.hub, "get_dir", lambda: str(hub))
+        yield hub

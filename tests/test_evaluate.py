@@ -77,12 +77,7 @@ def write_symmetric_pcam(root: Path, sizes=SIZES, seed: int = 0) -> Path:
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def empty_weights_cache(tmp_path_factory):
-    hub = tmp_path_factory.mktemp("hub")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.hub, "get_dir", lambda: str(hub))
-        yield hub
+pytestmark = pytest.mark.usefixtures("empty_weights_cache")
 
 
 @pytest.fixture(scope="module")

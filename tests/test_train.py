@@ -78,13 +78,7 @@ class CountTraining(Callback):
             self.batches += 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def empty_weights_cache(tmp_path_factory):
-    """Point the torch hub cache at an empty folder: no ImageNet weights anywhere."""
-    hub = tmp_path_factory.mktemp("hub")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.hub, "get_dir", lambda: str(hub))
-        yield hub
+pytestmark = pytest.mark.usefixtures("empty_weights_cache")
 
 
 @pytest.fixture(scope="module")
