@@ -204,10 +204,9 @@ class PCamAugment(Transform):
     split_idx = 0
     order = 10
 
-    def __init__(self, config: AugmentConfig | None = None, generator_seed: int | None = None):
+    def __init__(self, config: AugmentConfig | None = None):
         super().__init__()
         self.config = config or AugmentConfig()
-        self.generator_seed = generator_seed
 
     def _rand(self, n: int, device) -> torch.Tensor:
         return torch.rand(n, device=device)
@@ -287,17 +286,6 @@ def batch_pipeline(
     if augment is not None:
         tfms.append(PCamAugment(augment))
     return Pipeline(tfms, split_idx=0 if train else 1)
-
-
-@dataclass
-class LoaderSettings:
-    """How batches are fed; everything a run records about its loaders."""
-
-    bs: int = 64
-    val_bs: int | None = None
-    num_workers: int | None = None
-    pin_memory: bool | None = None
-    channels_last: bool | None = None
 
 
 def pcam_dataloaders(

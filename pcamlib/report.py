@@ -29,7 +29,7 @@ from pcamlib.pcam import SPLITS, PCamSplit, available_splits, channel_stats, val
 from pcamlib.profiles import Profile, get_profile
 from pcamlib.train import (
     TrainResult,
-    run_dir_for,
+    run_is_complete,
     run_lr_find,
     train,
 )
@@ -316,7 +316,7 @@ def evaluate_step(
     out = StepOutput()
     archs = list(archs or ctx.profile.archs)
     for arch in archs:
-        if not (run_dir_for(ctx.profile, arch, ctx.runs_root) / "run.json").is_file():
+        if not run_is_complete(ctx.profile, arch, ctx.runs_root):
             train(ctx.profile, arch, runs_root=ctx.runs_root, progress=ctx.progress)
     comp: Comparison = compare_runs(ctx.profile, archs, runs_root=ctx.runs_root,
                                     progress=ctx.progress)
