@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
-from fastai.torch_core import TensorCategory, TensorImage
+from fastai.torch_core import TensorCategory, TensorImage, to_device
 from fasttransform import Pipeline, Transform
 from torch.utils.data import get_worker_info
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
-from pcamlib.pcam import CENTRE_BOX, PCamSplit
+from pcamlib.pcam import CENTRE_BOX, IMAGE_SHAPE, PCamSplit
 
 IMAGENET_STATS: tuple[tuple[float, ...], tuple[float, ...]] = (
     (0.485, 0.456, 0.406),
@@ -53,8 +54,25 @@ class PCamDataLoader(DataLoader):
     fastai's default path fetches and collates items one by one; here each batch of
     indices is read in one sorted pass (see :meth:`PCamSplit.read_batch`), which is what
     makes the loader fast. Works with ``num_workers > 0``: every worker opens its own
-    file handle.
+    file handle, and reads ``batches_per_transfer`` consecutive batches into one
+    shared-memory block that crosses to the main process as one message, which splits it
+    back into batches (views, no copy) in the original order.
     """
+
+    transfer_bytes: int = 8 * 2**20
+    """Target size of one worker-to-main transfer (several batches of uint8 images)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # One group in flight per worker is already several batches ahead; torch's default
+        # of two would double the shared memory held (containers often cap /dev/shm).
+        self.fake_l.prefetch_factor = 1 if self.fake_l.num_workers > 0 else 2
+
+    @property
+    def batches_per_transfer(self) -> int:
+        """Batches a worker sends per message: as many as fit in ``transfer_bytes``."""
+        batch_bytes = (self.bs or 1) * math.prod(IMAGE_SHAPE)
+        return max(1, self.transfer_bytes // batch_bytes)
 
     def shuffle_fn(self, idxs):  # noqa: D102 - fastai hook
         # numpy's permutation is ~20x faster than random.sample on 262,144 indices; the
@@ -62,19 +80,54 @@ class PCamDataLoader(DataLoader):
         rng = np.random.default_rng(self.rng.getrandbits(64))
         return rng.permutation(np.asarray(idxs)).tolist()
 
-    def create_batches(self, samps):  # noqa: D102 - fastai hook
-        batch: list[int] = []
-        for index in samps:
-            batch.append(index)
-            if len(batch) == self.bs:
-                yield self._read(batch)
-                batch = []
-        if batch and not self.drop_last:
-            yield self._read(batch)
+    def sample(self):  # noqa: D102 - fastai hook
+        # fastai deals batches to workers round-robin; deal runs of batches_per_transfer
+        # instead, so each worker's group is consecutive and torch's round-robin over the
+        # workers yields the groups in epoch order.
+        idxs = self._DataLoader__idxs
+        if self.num_workers <= 1:
+            return iter(idxs)
+        span = (self.bs or 1) * self.batches_per_transfer
+        return (b for i, b in enumerate(idxs) if i // span % self.num_workers == self.offs)
 
-    def _read(self, indices: list[int]) -> tuple[TensorImage, TensorCategory]:
+    def create_batches(self, samps):  # noqa: D102 - fastai hook
         in_worker = get_worker_info() is not None
-        x, y = self.dataset.read_batch(indices, shared=in_worker)
+        group = self.batches_per_transfer if in_worker else 1
+        pending: list[int] = []
+        for index in samps:
+            pending.append(index)
+            if len(pending) == self.bs * group:
+                yield self._read(pending, shared=in_worker)
+                pending = []
+        if not pending:
+            return
+        if self.drop_last:
+            pending = pending[: len(pending) // self.bs * self.bs]
+        if pending:
+            yield self._read(pending, shared=in_worker)
+
+    def __iter__(self):
+        if self.fake_l.num_workers == 0:
+            yield from super().__iter__()
+            return
+        # fastai's DataLoader.__iter__, except that each item from the workers is a group
+        # of whole batches (only the epoch's last batch may be short): the group moves to
+        # the device in one copy, then after_batch runs per batch.
+        self.randomize()
+        self.before_iter()
+        self._DataLoader__idxs = self.get_idxs()
+        for group in _MultiProcessingDataLoaderIter(self.fake_l):
+            x, y = group
+            if self.device is not None:
+                x, y = to_device((x, y), self.device)
+            for xb, yb in zip(x.split(self.bs), y.split(self.bs), strict=True):
+                yield self.after_batch((xb, yb))
+        self.after_iter()
+        if hasattr(self, "it"):
+            del self.it
+
+    def _read(self, indices: list[int], shared: bool = False) -> tuple[TensorImage, TensorCategory]:
+        x, y = self.dataset.read_batch(indices, shared=shared)
         return TensorImage(x), TensorCategory(y)
 
 
@@ -262,6 +315,48 @@ class PCamAugment(Transform):
         return torch.exp(-od).clamp(0, 1)
 
 
+class CentreCrop(Transform):
+    """Keep the centre ``size`` x ``size`` pixels of every image (all splits).
+
+    Runs after augmentation, so rotated and shifted content near the border comes from
+    real tissue rather than from reflection padding. The label region (centre 32x32) is
+    always kept; the crop only drops outer context, which cuts the model's compute by
+    (96 / size) squared.
+    """
+
+    order = 20
+
+    def __init__(self, size: int):
+        super().__init__()
+        check_centre_crop(size)
+        self.size = size
+
+    def encodes(self, x: TensorImage) -> TensorImage:  # noqa: D102
+        height, width = x.shape[-2:]
+        if height < self.size or width < self.size:
+            raise ValueError(
+                f"centre crop of {self.size} px needs images at least that large; "
+                f"got {height}x{width}"
+            )
+        top, left = (height - self.size) // 2, (width - self.size) // 2
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        out = x[..., top:top + self.size, left:left + self.size]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return TensorImage(out.contiguous(memory_format=fmt))
+
+
+def check_centre_crop(size: int | None) -> None:
+    """Raise ValueError unless ``size`` is None or an even pixel count in [32, 96]."""
+    if size is None:
+        return
+    if not isinstance(size, int) or isinstance(size, bool) or not 32 <= size <= 96 \
+            or size % 2:
+        raise ValueError(
+            "centre_crop must be None or an even number of pixels in [32, 96] "
+            f"(it must keep the centre 32x32 label region, centred); got {size!r}"
+        )
+
+
 def centre_mask_fraction(marked: torch.Tensor) -> tuple[float, float]:
     """How much of an output's centre comes from a marked region (used by tests and docs).
 
@@ -279,12 +374,16 @@ def centre_mask_fraction(marked: torch.Tensor) -> tuple[float, float]:
 
 
 def batch_pipeline(
-    mean, std, *, train: bool, augment: AugmentConfig | None, channels_last: bool = False
+    mean, std, *, train: bool, augment: AugmentConfig | None, channels_last: bool = False,
+    centre_crop: int | None = None,
 ) -> Pipeline:
-    """The batch transforms of one split: to float, augmentation (train only), normalise."""
+    """The batch transforms of one split: to float, augmentation (train only), normalise,
+    then the optional centre crop (every split)."""
     tfms: list[Transform] = [ToFloatImage(channels_last), NormalizeImage(mean, std)]
     if augment is not None:
         tfms.append(PCamAugment(augment))
+    if centre_crop is not None and centre_crop < 96:
+        tfms.append(CentreCrop(centre_crop))
     return Pipeline(tfms, split_idx=0 if train else 1)
 
 
@@ -303,6 +402,7 @@ def pcam_dataloaders(
     train_rows: int | None = None,
     train_split: str = "train",
     valid_split: str = "valid",
+    centre_crop: int | None = None,
 ) -> DataLoaders:
     """Fastai DataLoaders for a PCam-format directory.
 
@@ -320,6 +420,8 @@ def pcam_dataloaders(
         train_rows: Use only the first N training rows (None = all).
         train_split: Split used for training.
         valid_split: Split used for validation.
+        centre_crop: Feed the model only the centre N x N pixels of every split (None:
+            the whole patch); see :class:`CentreCrop`.
 
     Returns:
         DataLoaders with ``train`` (shuffled, drop_last) and ``valid``.
@@ -327,6 +429,7 @@ def pcam_dataloaders(
     if not isinstance(bs, int) or bs <= 0:
         raise ValueError(f"batch size bs must be a positive integer, got {bs!r}")
     device = torch.device(device) if device is not None else default_device()
+    check_centre_crop(centre_crop)
     if num_workers is None:
         num_workers = default_num_workers(device)
     if channels_last is None:
@@ -340,7 +443,7 @@ def pcam_dataloaders(
     train_dl = PCamDataLoader(
         train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs,
         after_batch=batch_pipeline(mean, std, train=True, augment=augment,
-                                   channels_last=channels_last),
+                                   channels_last=channels_last, centre_crop=centre_crop),
         **common,
     )
     if seed is not None:
@@ -348,7 +451,7 @@ def pcam_dataloaders(
     valid_dl = PCamDataLoader(
         valid_ds, bs=val_bs or 2 * bs, shuffle=False, drop_last=False,
         after_batch=batch_pipeline(mean, std, train=False, augment=None,
-                                   channels_last=channels_last),
+                                   channels_last=channels_last, centre_crop=centre_crop),
         **common,
     )
     return DataLoaders(train_dl, valid_dl, device=device)

@@ -132,10 +132,15 @@ def test_seeded_order(make_pcam_dir):
     assert _epoch(other)[0] != epochs[0]
 
 
-def test_num_workers(make_pcam_dir):
+@pytest.mark.parametrize("batches_per_transfer", [1, 3, 100])
+def test_num_workers(make_pcam_dir, batches_per_transfer):
+    # 10 train batches dealt in groups of 1, 3 (w0: 0-2, w1: 3-5, w0: 6-8, w1: 9) or all.
     root = make_pcam_dir({"train": 40, "valid": 13}, index_pixels=True)
     single = _dls(root, bs=4, seed=3)
     multi = _dls(root, bs=4, seed=3, num_workers=2)
+    for dl in (multi.train, multi.valid):
+        dl.transfer_bytes = batches_per_transfer * dl.bs * 96 * 96 * 3
+    assert multi.train.batches_per_transfer == batches_per_transfer
     assert multi.train.fake_l.num_workers == 2
     for _ in range(2):  # two epochs: workers see each epoch's order
         rows, labels, sizes = _epoch(multi.train)
@@ -200,6 +205,41 @@ def test_pipeline_augments_before_normalising():
     assert out.min() < -2 and out.max() > 2
     valid = batch_pipeline((0.5,) * 3, (0.1,) * 3, train=False, augment=cfg)
     torch.testing.assert_close(valid(x), (x.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_centre_crop_keeps_the_centre_in_every_split(channels_last):
+    x = TensorImage(torch.randint(0, 256, (4, 96, 96, 3), dtype=torch.uint8))
+    stats = ((0.5,) * 3, (0.1,) * 3)
+    whole = batch_pipeline(*stats, train=False, augment=None, channels_last=channels_last)(x)
+    cfg = AugmentConfig(max_rotate=0.0, max_zoom=1.0, max_translate=0.0, flip=False,
+                        max_brightness=0.0, max_contrast=0.0)
+    for train in (True, False):
+        crop = batch_pipeline(*stats, train=train, augment=cfg, channels_last=channels_last,
+                              centre_crop=64)(x)
+        assert crop.shape == (4, 3, 64, 64)
+        torch.testing.assert_close(crop, whole[..., 16:80, 16:80])
+        assert crop.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_centre_crop_follows_augmentation(make_pcam_dir):
+    # Cropping after the affine warp: border pixels of the crop are warped tissue, and a
+    # train batch is exactly the centre of what the same augmentation gives uncropped.
+    cfg = AugmentConfig(max_rotate=30.0, p_affine=1.0, p_lighting=0.0, flip=False)
+    x = TensorImage(torch.randint(0, 256, (4, 96, 96, 3), dtype=torch.uint8))
+    stats = ((0.5,) * 3, (0.1,) * 3)
+    torch.manual_seed(0)
+    whole = batch_pipeline(*stats, train=True, augment=cfg)(x)
+    torch.manual_seed(0)
+    crop = batch_pipeline(*stats, train=True, augment=cfg, centre_crop=48)(x)
+    torch.testing.assert_close(crop, whole[..., 24:72, 24:72])
+    root = make_pcam_dir({"train": 16, "valid": 8})
+    dls = _dls(root, centre_crop=48)
+    assert dls.one_batch()[0].shape[-2:] == (48, 48)
+    assert dls.valid.one_batch()[0].shape[-2:] == (48, 48)
+    with pytest.raises(ValueError, match="centre_crop .* even number .* got 47"):
+        _dls(root, centre_crop=47)
 
 
 # ---------------------------------------------------------------- label preservation
