@@ -195,7 +195,7 @@ def build_learner(
     dls = pcam_dataloaders(
         profile.data_dir, mean=norm["mean"], std=norm["std"], bs=profile.bs,
         augment=profile.augment, num_workers=profile.num_workers, device=device,
-        seed=profile.seed, train_rows=profile.train_rows,
+        seed=profile.seed, train_rows=profile.train_rows, centre_crop=profile.centre_crop,
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)

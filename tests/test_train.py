@@ -135,6 +135,9 @@ def resumed(data_dir, tmp_path_factory, uninterrupted):
         ({"epoch": 3}, ["'epoch'"]),
         ({"lr_policy": "guess"}, ["lr_policy"]),
         ({"pretrained": "maybe"}, ["pretrained"]),
+        ({"centre_crop": 30}, ["centre_crop", "[32, 96]", "30"]),
+        ({"centre_crop": 65}, ["centre_crop", "even", "65"]),
+        ({"centre_crop": 128}, ["centre_crop", "128"]),
     ],
 )
 def test_bad_profile_parameter_is_named(tmp_path, overrides, words):
