@@ -377,8 +377,11 @@ def batch_pipeline(
     mean, std, *, train: bool, augment: AugmentConfig | None, channels_last: bool = False,
     centre_crop: int | None = None,
 ) -> Pipeline:
-    """The batch transforms of one split: to float, augmentation (train only), normalise,
-    then the optional centre crop (every split)."""
+    """The batch transforms of one split.
+
+    To float, normalise, augmentation (train only), then the optional centre crop (every
+    split).
+    """
     tfms: list[Transform] = [ToFloatImage(channels_last), NormalizeImage(mean, std)]
     if augment is not None:
         tfms.append(PCamAugment(augment))
