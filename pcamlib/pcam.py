@@ -441,19 +441,15 @@ class PCamSplit(Dataset):
         return out
 
     def read_batch(
-        self, indices: Sequence[int] | np.ndarray, *, shared: bool = False
+        self, indices: Sequence[int] | np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Read a batch: uint8 images (N x 96 x 96 x 3) and int64 labels, as tensors.
 
         Args:
             indices: Row numbers.
-            shared: Allocate the images in shared memory (for DataLoader workers: the
-                batch then crosses to the main process without being copied again).
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         images = torch.empty((idx.size, *IMAGE_SHAPE), dtype=torch.uint8)
-        if shared:
-            images.share_memory_()
         self.read_images(idx, out=images.numpy())
         return images, torch.from_numpy(self.labels[idx])
 

@@ -148,6 +148,10 @@ def test_num_workers(make_pcam_dir, batches_per_transfer):
         assert labels == [r % 2 for r in rows]
         assert rows == _epoch(single.train)[0]  # shuffling happens in the main process
     assert _epoch(multi.valid)[0] == list(range(13))
+    # An epoch abandoned early (lr_find stops mid-epoch) leaves the next one intact.
+    next(iter(multi.train))
+    next(iter(single.train))
+    assert _epoch(multi.train)[0] == _epoch(single.train)[0]
 
 
 def test_split_dataloader_uses_valid_pipeline(make_pcam_dir):

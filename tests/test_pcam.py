@@ -713,7 +713,7 @@ def test_pcam_checksums(key, download_md5, md5):
     assert PCAM_FILES[key].md5 == md5
 
 
-def test_read_into_given_buffer_and_shared_memory(make_pcam_dir):
+def test_read_into_given_buffer(make_pcam_dir):
     root = make_pcam_dir({"train": 40}, seed=5, index_pixels=True)
     data = PCamSplit(root, "train")
     idx = [7, 3, 3, 39, 8, 9, 10, 0]
@@ -722,6 +722,6 @@ def test_read_into_given_buffer_and_shared_memory(make_pcam_dir):
     assert buf[:, 0, 0, 0].tolist() == idx
     with pytest.raises(ValueError, match=r"out must be a C-contiguous uint8 array of shape"):
         data.read_images(idx, out=np.zeros((len(idx), 96, 96, 3), dtype=np.float32))
-    images, labels = data.read_batch(idx, shared=True)
-    assert images.is_shared() and images[:, 0, 0, 0].tolist() == idx
+    images, labels = data.read_batch(idx)
+    assert images[:, 0, 0, 0].tolist() == idx
     assert labels.tolist() == [i % 2 for i in idx]
