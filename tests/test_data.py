@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -386,3 +388,34 @@ def test_augment_random_per_image():
     lit = PCamAugment(AugmentConfig(flip=False, p_affine=0.0, p_lighting=1.0)).augment(x)
     means = lit.mean(dim=(1, 2, 3))
     assert means.std() > 1e-3
+
+
+_SPAWN_CHECK = """
+import multiprocessing, sys
+multiprocessing.set_start_method("spawn", force=True)
+import torch
+from pcamlib.data import PCamDataLoader
+from pcamlib.pcam import PCamSplit
+
+def epoch(workers):
+    dl = PCamDataLoader(PCamSplit(sys.argv[1], "train"), bs=4, shuffle=True, drop_last=True,
+                        num_workers=workers)
+    dl.transfer_bytes = 2 * 4 * 96 * 96 * 3
+    dl.rng.seed(5)
+    xs, ys = zip(*dl)
+    return torch.cat(xs), torch.cat(ys)
+
+single, multi = epoch(0), epoch(2)
+assert all(torch.equal(a, b) for a, b in zip(single, multi, strict=True)), "order differs"
+print("spawn ok", len(single[0]))
+"""
+
+
+def test_workers_with_spawn(make_pcam_dir):
+    # CUDA users often switch to spawn: the ring and its lock must reach the workers by
+    # pickling rather than fork.
+    root = make_pcam_dir({"train": 37}, index_pixels=True)
+    done = subprocess.run([sys.executable, "-c", _SPAWN_CHECK, str(root)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "spawn ok 36" in done.stdout
