@@ -59,7 +59,7 @@ class PCamDataLoader(DataLoader):
     a :class:`TransferRing`, shared memory allocated once per epoch; only the slot number
     crosses the process boundary, and the main process copies the slot out, frees it and
     splits it into batches in the original order. (Handing torch a fresh shared-memory
-    tensor per batch instead costs a file descriptor passed over a socket and ~1,800 fresh
+    tensor per batch instead costs a file descriptor passed over a socket and ~430 fresh
     pages per batch; on 2 cores that capped the loader at ~37,000 images/s.)
     """
 
