@@ -335,7 +335,8 @@ class PCamAugment(Transform):
         return torch.rand(n, device=device)
 
     def encodes(self, x: TensorImage) -> TensorImage:  # noqa: D102
-        return TensorImage(self.augment(torch.Tensor(x)))
+        # where/grid_sample/einsum pick their own output layout; keep the batch's.
+        return TensorImage(_same_layout(self.augment(torch.Tensor(x)), x))
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """Augment a float N x 3 x H x W batch in [0, 1]."""
@@ -409,10 +410,13 @@ class CentreCrop(Transform):
                 f"got {height}x{width}"
             )
         top, left = (height - self.size) // 2, (width - self.size) // 2
-        channels_last = x.is_contiguous(memory_format=torch.channels_last)
-        out = x[..., top:top + self.size, left:left + self.size]
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        return TensorImage(out.contiguous(memory_format=fmt))
+        return TensorImage(_same_layout(x[..., top:top + self.size, left:left + self.size], x))
+
+
+def _same_layout(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``out`` made contiguous in ``like``'s memory format (NHWC or NCHW)."""
+    nhwc = like.is_contiguous(memory_format=torch.channels_last)
+    return out.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
 
 
 def check_centre_crop(size: int | None) -> None:
@@ -488,7 +492,8 @@ def pcam_dataloaders(
         augment: Training augmentation, or None for none.
         num_workers: Loader processes (default: sized from the machine).
         device: Where batches go (default: GPU when present).
-        channels_last: NHWC memory layout (default: on CUDA only).
+        channels_last: NHWC memory layout (default: yes, on every device; see
+            :func:`pcamlib.train.build_learner`).
         seed: Seed of the shuffling RNG (reproducible epoch order).
         train_rows: Use only the first N training rows (None = all).
         train_split: Split used for training.
@@ -506,7 +511,7 @@ def pcam_dataloaders(
     if num_workers is None:
         num_workers = default_num_workers(device)
     if channels_last is None:
-        channels_last = device.type == "cuda"
+        channels_last = True
     pin = device.type == "cuda"
     data_dir = Path(data_dir)
     train_ds = PCamSplit(data_dir, train_split, rows=train_rows)

@@ -229,6 +229,18 @@ def test_centre_crop_keeps_the_centre_in_every_split(channels_last):
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stain_jitter", [0.0, 0.1])
+def test_augmented_batch_keeps_its_memory_layout(channels_last, stain_jitter):
+    # The model is NHWC on every device; a batch that came back NCHW would be converted
+    # inside every convolution.
+    x = TensorImage(torch.randint(0, 256, (8, 96, 96, 3), dtype=torch.uint8))
+    out = batch_pipeline((0.5,) * 3, (0.1,) * 3, train=True, channels_last=channels_last,
+                         augment=AugmentConfig(stain_jitter=stain_jitter))(x)
+    assert out.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def test_centre_crop_follows_augmentation(make_pcam_dir):
     # Cropping after the affine warp: border pixels of the crop are warped tissue, and a
     # train batch is exactly the centre of what the same augmentation gives uncropped.

@@ -352,3 +352,18 @@ def test_torch_foreach_sgd_resumes_exactly(data_dir, tmp_path):
 def test_unknown_optimizer_is_named(tmp_path):
     with pytest.raises(ValueError, match="optimizer must be 'fastai' or 'torch'"):
         get_profile("sample", data_dir=tmp_path, optimizer="adam")
+
+
+def test_cpu_learner_is_channels_last_end_to_end(data_dir, tmp_path):
+    """Model weights and every split's batches share the NHWC layout on a CPU too."""
+    profile = make_profile(data_dir, pretrained="no")
+    choice = T.choose_pretrained(ARCH, "no")
+    learn = T.build_learner(profile, ARCH, run_dir=tmp_path, pretrained=choice,
+                            norm=T.normalisation(profile, False),
+                            device=torch.device("cpu"), progress=False)
+    convs = [m for m in learn.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last)
+                         for c in convs if c.weight.shape[-1] > 1)
+    for dl in (learn.dls.train, learn.dls.valid):
+        xb, _ = dl.one_batch()
+        assert xb.is_contiguous(memory_format=torch.channels_last)
