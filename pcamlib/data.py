@@ -474,7 +474,7 @@ def pcam_dataloaders(
     augment: AugmentConfig | None = None,
     num_workers: int | None = None,
     device: torch.device | str | None = None,
-    channels_last: bool | None = None,
+    channels_last: bool = True,
     seed: int | None = None,
     train_rows: int | None = None,
     train_split: str = "train",
@@ -492,7 +492,7 @@ def pcam_dataloaders(
         augment: Training augmentation, or None for none.
         num_workers: Loader processes (default: sized from the machine).
         device: Where batches go (default: GPU when present).
-        channels_last: NHWC memory layout (default: yes, on every device; see
+        channels_last: NHWC memory layout (the model's layout on every device; see
             :func:`pcamlib.train.build_learner`).
         seed: Seed of the shuffling RNG (reproducible epoch order).
         train_rows: Use only the first N training rows (None = all).
@@ -510,8 +510,6 @@ def pcam_dataloaders(
     check_centre_crop(centre_crop)
     if num_workers is None:
         num_workers = default_num_workers(device)
-    if channels_last is None:
-        channels_last = True
     pin = device.type == "cuda"
     data_dir = Path(data_dir)
     train_ds = PCamSplit(data_dir, train_split, rows=train_rows)
