@@ -23,6 +23,7 @@ from fasttransform import Pipeline, Transform
 from torch.utils.data import get_worker_info
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
+from pcamlib.errors import InputError
 from pcamlib.pcam import CENTRE_BOX, IMAGE_SHAPE, PCamSplit
 
 IMAGENET_STATS: tuple[tuple[float, ...], tuple[float, ...]] = (
@@ -291,7 +292,7 @@ class AugmentConfig:
         for name, (low, high) in limits.items():
             value = getattr(self, name)
             if not low <= value <= high:
-                raise ValueError(
+                raise InputError(
                     f"augmentation parameter {name} must be in [{low}, {high}] "
                     f"(larger values could move tumour out of the centre 32x32); got {value}"
                 )
@@ -315,7 +316,7 @@ _RGB_FROM_HED = torch.tensor(
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th (0-7) dihedral transform of an N x C x H x W batch."""
     if not 0 <= k < 8:
-        raise ValueError(f"dihedral index must be in 0..7, got {k}")
+        raise InputError(f"dihedral index must be in 0..7, got {k}")
     if k >= 4:
         x = x.flip(-1)
     return torch.rot90(x, k % 4, dims=(-2, -1))
@@ -405,7 +406,7 @@ class CentreCrop(Transform):
     def encodes(self, x: TensorImage) -> TensorImage:  # noqa: D102
         height, width = x.shape[-2:]
         if height < self.size or width < self.size:
-            raise ValueError(
+            raise InputError(
                 f"centre crop of {self.size} px needs images at least that large; "
                 f"got {height}x{width}"
             )
@@ -425,7 +426,7 @@ def check_centre_crop(size: int | None) -> None:
         return
     if not isinstance(size, int) or isinstance(size, bool) or not 32 <= size <= 96 \
             or size % 2:
-        raise ValueError(
+        raise InputError(
             "centre_crop must be None or an even number of pixels in [32, 96] "
             f"(it must keep the centre 32x32 label region, centred); got {size!r}"
         )
@@ -505,7 +506,7 @@ def pcam_dataloaders(
         DataLoaders with ``train`` (shuffled, drop_last) and ``valid``.
     """
     if not isinstance(bs, int) or bs <= 0:
-        raise ValueError(f"batch size bs must be a positive integer, got {bs!r}")
+        raise InputError(f"batch size bs must be a positive integer, got {bs!r}")
     device = torch.device(device) if device is not None else default_device()
     check_centre_crop(centre_crop)
     if num_workers is None:

@@ -29,6 +29,7 @@ from typing import BinaryIO
 from tqdm.auto import tqdm
 
 from pcamlib import __version__
+from pcamlib.errors import InputError, StepError
 from pcamlib.pcam import PCAM_FILES, SPLITS, ZENODO_URL, PCamFile, check_split
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ _RETRY_STATUSES = {408, 425, 429}
 _MAX_DELAY = 60.0
 
 
-class DownloadError(RuntimeError):
+class DownloadError(StepError):
     """A download failed; the message names the URL or file, what was expected and found."""
 
 
@@ -532,13 +533,13 @@ def download_pcam(
         check_split(split)
     for kind in kinds:
         if kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+            raise InputError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
     keys = [(split, kind) for split in splits for kind in kinds]
     missing = [key for key in keys if key not in table]
     if missing:
-        raise ValueError(f"no entry for {missing} in the files table")
+        raise InputError(f"no entry for {missing} in the files table")
     if "{filename}" not in url_template:
-        raise ValueError(f"url_template must contain '{{filename}}', got {url_template!r}")
+        raise InputError(f"url_template must contain '{{filename}}', got {url_template!r}")
     return [
         download_file(
             table[key],

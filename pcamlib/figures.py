@@ -35,6 +35,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 from numpy.typing import ArrayLike
 from PIL import Image
 
+from pcamlib.errors import InputError
 from pcamlib.pcam import CENTRE_BOX, IMAGE_SHAPE, SPLITS
 
 __all__ = [
@@ -165,7 +166,7 @@ def _class_color(label: Any, fallback: int = 0) -> str:
 def _check_name(name: str) -> str:
     """Return ``name`` if it is a simple file stem (letters, digits, ``_``, ``-``)."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValueError(
+        raise InputError(
             f"name must be a simple file stem of ASCII letters, digits, '_' and '-'; got {name!r}"
         )
     return name
@@ -278,7 +279,7 @@ def _as_patches(images: ArrayLike, what: str = "images") -> np.ndarray:
     if arr.ndim == 3 and arr.shape[-1] == 3:
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"{what} must have shape (N, H, W, 3); got {arr.shape}")
+        raise InputError(f"{what} must have shape (N, H, W, 3); got {arr.shape}")
     if arr.dtype == np.uint8:
         return arr
     if np.issubdtype(arr.dtype, np.floating):
@@ -340,17 +341,17 @@ def patch_grid_figure(
     patches = _as_patches(images)
     n = len(patches)
     if n == 0:
-        raise ValueError("images is empty")
+        raise InputError("images is empty")
     if labels is None and titles is None:
-        raise ValueError("give labels or titles")
+        raise InputError("give labels or titles")
     label_arr = None if labels is None else np.asarray(labels).reshape(-1)
     if label_arr is not None and len(label_arr) != n:
-        raise ValueError(f"{n} images but {len(label_arr)} labels")
+        raise InputError(f"{n} images but {len(label_arr)} labels")
     if titles is not None and len(titles) != n:
-        raise ValueError(f"{n} images but {len(titles)} titles")
+        raise InputError(f"{n} images but {len(titles)} titles")
     ncols = min(n, 6) if ncols is None else ncols
     if ncols < 1:
-        raise ValueError(f"ncols must be positive; got {ncols}")
+        raise InputError(f"ncols must be positive; got {ncols}")
     nrows = math.ceil(n / ncols)
     cell = min(_NATIVE_CELL, 10.0 / ncols)
     height = nrows * (cell + 0.3) + (0.35 if suptitle else 0.0)
@@ -386,12 +387,12 @@ def augmentation_grid_figure(rows: Mapping[str, ArrayLike], *, show_centre: bool
         ValueError: If ``rows`` is empty or a row is not a stack of RGB patches.
     """
     if not rows:
-        raise ValueError("rows is empty")
+        raise InputError("rows is empty")
     stacks = {name: _as_patches(imgs, f"row {name!r}") for name, imgs in rows.items()}
     ncols = max(len(s) for s in stacks.values())
     nrows = len(stacks)
     if ncols == 0:
-        raise ValueError("every row is empty")
+        raise InputError("every row is empty")
     cell = min(_NATIVE_CELL, 8.5 / ncols)
     fig = _new_figure((cell * ncols + 1.5, cell * nrows + 0.1))
     grid = fig.subplots(nrows, ncols, squeeze=False)
@@ -445,7 +446,7 @@ def intensity_distribution_figure(
         patches = np.round(patches * 255).astype(np.uint8)
     label_arr = np.asarray(labels).reshape(-1)
     if len(label_arr) != len(patches):
-        raise ValueError(f"{len(patches)} images but {len(label_arr)} labels")
+        raise InputError(f"{len(patches)} images but {len(label_arr)} labels")
     rng = np.random.default_rng(seed)
     edges = np.linspace(0, 256, bins + 1)
     centres = (edges[:-1] + edges[1:]) / 2
@@ -496,7 +497,7 @@ def channel_stats_table(stats_by_split: Mapping[str, Mapping[str, Any]]) -> pd.D
         mean = np.asarray(stats["mean"], dtype=float).reshape(-1)
         std = np.asarray(stats["std"], dtype=float).reshape(-1)
         if mean.shape != (3,) or std.shape != (3,):
-            raise ValueError(
+            raise InputError(
                 f"split {split!r}: mean and std need 3 values each; got {mean.size} and {std.size}"
             )
         for ch, channel in enumerate(CHANNEL_NAMES):
@@ -521,7 +522,7 @@ def split_balance_figure(counts: pd.DataFrame) -> Figure:
     """
     missing = {"split", "label", "count"} - set(counts.columns)
     if missing:
-        raise ValueError(f"counts lacks columns: {', '.join(sorted(missing))}")
+        raise InputError(f"counts lacks columns: {', '.join(sorted(missing))}")
     table = counts.groupby(["split", "label"], sort=False)["count"].sum().unstack(fill_value=0)
     order = [s for s in SPLITS if s in table.index]
     order += [s for s in table.index if s not in order]
@@ -591,10 +592,10 @@ def lr_find_figure(
     lr = np.asarray(lrs, dtype=float).reshape(-1)
     loss = np.asarray(losses, dtype=float).reshape(-1)
     if lr.shape != loss.shape:
-        raise ValueError(f"{lr.size} learning rates but {loss.size} losses")
+        raise InputError(f"{lr.size} learning rates but {loss.size} losses")
     ok = np.isfinite(lr) & np.isfinite(loss) & (lr > 0)
     if not ok.any():
-        raise ValueError("no finite (learning rate, loss) pair with a positive learning rate")
+        raise InputError("no finite (learning rate, loss) pair with a positive learning rate")
     lr, loss = lr[ok], loss[ok]
     fig = _new_figure((8, 4.5))
     ax = fig.subplots()
@@ -661,11 +662,11 @@ def loss_curves_figure(histories: Mapping[str, pd.DataFrame]) -> Figure:
         ValueError: If ``histories`` is empty or a history lacks a column.
     """
     if not histories:
-        raise ValueError("histories is empty")
+        raise InputError("histories is empty")
     for name, hist in histories.items():
         missing = {"epoch", "train_loss", "valid_loss"} - set(hist.columns)
         if missing:
-            raise ValueError(f"history {name!r} lacks columns: {', '.join(sorted(missing))}")
+            raise InputError(f"history {name!r} lacks columns: {', '.join(sorted(missing))}")
     n = len(histories)
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
@@ -732,7 +733,7 @@ def roc_curve_figure(
         ValueError: If ``curves`` is empty or a curve's arrays differ in length.
     """
     if not curves:
-        raise ValueError("curves is empty")
+        raise InputError("curves is empty")
     fig = _new_figure((6, 6))
     ax = fig.subplots()
     palette = sns.color_palette("colorblind")
@@ -741,7 +742,7 @@ def roc_curve_figure(
         fpr = np.asarray(curve[0], dtype=float).reshape(-1)
         tpr = np.asarray(curve[1], dtype=float).reshape(-1)
         if fpr.shape != tpr.shape:
-            raise ValueError(f"curve {name!r}: {fpr.size} FPR values but {tpr.size} TPR values")
+            raise InputError(f"curve {name!r}: {fpr.size} FPR values but {tpr.size} TPR values")
         label = f"{name} (AUC {_auc(fpr, tpr):.3f}"
         if auc_ci and name in auc_ci:
             low, high = auc_ci[name]
@@ -776,7 +777,7 @@ def confusion_matrix_figure(matrices: Mapping[str, ArrayLike]) -> Figure:
         ValueError: If ``matrices`` is empty or a matrix is not 2x2 non-negative counts.
     """
     if not matrices:
-        raise ValueError("matrices is empty")
+        raise InputError("matrices is empty")
     n = len(matrices)
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
@@ -785,7 +786,7 @@ def confusion_matrix_figure(matrices: Mapping[str, ArrayLike]) -> Figure:
     for ax, (name, matrix) in zip(axes, matrices.items(), strict=False):
         cm = np.asarray(matrix)
         if cm.shape != (2, 2) or (cm < 0).any():
-            raise ValueError(f"matrix {name!r} must be 2x2 non-negative counts; got {cm.shape}")
+            raise InputError(f"matrix {name!r} must be 2x2 non-negative counts; got {cm.shape}")
         totals = cm.sum(axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             share = np.where(totals > 0, cm / np.where(totals > 0, totals, 1), np.nan)

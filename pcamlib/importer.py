@@ -33,6 +33,8 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from pcamlib.errors import InputError
+
 from .pcam import IMAGE_SHAPE, SPLITS, PCamFormatError, PCamWriter, check_split, file_name
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -156,7 +158,7 @@ class _BadImage(Exception):
 
 def _check_on_bad(on_bad: str) -> None:
     if on_bad not in ON_BAD:
-        raise ValueError(f"on_bad must be one of {', '.join(map(repr, ON_BAD))}; got {on_bad!r}")
+        raise InputError(f"on_bad must be one of {', '.join(map(repr, ON_BAD))}; got {on_bad!r}")
 
 
 def _check_image(im: Image.Image) -> None:
@@ -325,7 +327,7 @@ def _run_import(
 
 def _check_chunk_rows(chunk_rows: int) -> None:
     if chunk_rows <= 0:
-        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+        raise InputError(f"chunk_rows must be positive, got {chunk_rows}")
 
 
 # --------------------------------------------------------------------------- folders
@@ -445,7 +447,7 @@ def import_image_folders(
     else:
         splits = [check_split(s) for s in splits]
         if not splits:
-            raise ValueError("splits is empty: name at least one split, or pass None")
+            raise InputError("splits is empty: name at least one split, or pass None")
     plan: dict[str, _Plan] = {}
     for split in SPLITS:
         if split not in splits:
@@ -611,9 +613,9 @@ def import_kaggle(
     _check_chunk_rows(chunk_rows)
     for name, frac in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
         if not 0 <= frac < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {frac}")
+            raise InputError(f"{name} must be in [0, 1), got {frac}")
     if valid_fraction + test_fraction >= 1:
-        raise ValueError(
+        raise InputError(
             f"valid_fraction + test_fraction must be below 1, got {valid_fraction + test_fraction}"
         )
     if not src.is_dir():

@@ -37,6 +37,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from pcamlib.errors import InputError
+
 NLL_EPS = 1e-7
 """Probabilities are clipped to ``[NLL_EPS, 1 - NLL_EPS]`` before the log loss.
 
@@ -100,16 +102,16 @@ def _as_labels(y: Any, name: str = "y") -> np.ndarray:
     """Return ``y`` as a 1-D int64 array of 0/1 labels, or raise a clear ValueError."""
     arr = np.asarray(y)
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D; got shape {arr.shape}")
+        raise InputError(f"{name} must be 1-D; got shape {arr.shape}")
     if arr.size == 0:
-        raise ValueError(f"{name} is empty")
+        raise InputError(f"{name} is empty")
     if arr.dtype == bool:
         return arr.astype(np.int64)
     if not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"{name} must hold 0/1 numbers; got dtype {arr.dtype}")
+        raise InputError(f"{name} must hold 0/1 numbers; got dtype {arr.dtype}")
     bad = ~np.isin(arr, (0, 1))
     if bad.any():
-        raise ValueError(
+        raise InputError(
             f"{name} must contain only 0 and 1; {int(bad.sum())} of {arr.size} values are not "
             f"(e.g. {arr[bad][0].item()!r})"
         )
@@ -120,18 +122,18 @@ def _as_probs(prob: Any, n: int, name: str = "prob", y_name: str = "y") -> np.nd
     """Return ``prob`` as a 1-D float64 array of length ``n`` in [0, 1], or raise."""
     arr = np.asarray(prob)
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (probability of class 1); got shape {arr.shape}")
+        raise InputError(f"{name} must be 1-D (probability of class 1); got shape {arr.shape}")
     if arr.size != n:
-        raise ValueError(f"length mismatch: {y_name} has {n} values but {name} has {arr.size}")
+        raise InputError(f"length mismatch: {y_name} has {n} values but {name} has {arr.size}")
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise ValueError(f"{name} must be numeric; got dtype {arr.dtype}")
+        raise InputError(f"{name} must be numeric; got dtype {arr.dtype}")
     arr = arr.astype(np.float64)
     n_nan = int(np.isnan(arr).sum())
     if n_nan:
-        raise ValueError(f"{name} contains {n_nan} NaN value(s); probabilities must be in [0, 1]")
+        raise InputError(f"{name} contains {n_nan} NaN value(s); probabilities must be in [0, 1]")
     bad = (arr < 0) | (arr > 1)
     if bad.any():
-        raise ValueError(
+        raise InputError(
             f"{name} must be probabilities in [0, 1]; {int(bad.sum())} value(s) are outside "
             f"(min {arr.min():.6g}, max {arr.max():.6g})"
         )
@@ -143,7 +145,7 @@ def _require_both_classes(y: np.ndarray, name: str = "y") -> None:
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == y.size:
         only = 1 if n_pos else 0
-        raise ValueError(
+        raise InputError(
             f"only one class present in {name}: all {y.size} labels are {only}; "
             "AUC is undefined (need at least one 0 and one 1)"
         )
@@ -152,15 +154,15 @@ def _require_both_classes(y: np.ndarray, name: str = "y") -> None:
 def _check_threshold(threshold: float) -> float:
     threshold = float(threshold)
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1]; got {threshold}")
+        raise InputError(f"threshold must be in [0, 1]; got {threshold}")
     return threshold
 
 
 def _check_boot_args(n_boot: int, alpha: float) -> None:
     if int(n_boot) != n_boot or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive integer; got {n_boot!r}")
+        raise InputError(f"n_boot must be a positive integer; got {n_boot!r}")
     if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1); got {alpha!r}")
+        raise InputError(f"alpha must be in (0, 1); got {alpha!r}")
 
 
 def _predict(prob: np.ndarray, threshold: float) -> np.ndarray:
@@ -313,7 +315,7 @@ def bootstrap_ci(
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     unknown = [m for m in metrics if m not in BOOTSTRAP_METRICS]
     if unknown or not metrics:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(BOOTSTRAP_METRICS)}")
+        raise InputError(f"unknown metric(s) {unknown}; choose from {', '.join(BOOTSTRAP_METRICS)}")
     _check_boot_args(n_boot, alpha)
     full = binary_metrics(y, prob, threshold)
     y_arr = _as_labels(y)
@@ -477,7 +479,7 @@ def delong_test(y: Any, prob_a: Any, prob_b: Any, *, alpha: float = 0.05) -> dic
         ValueError: On invalid inputs (see :func:`binary_metrics`).
     """
     if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1); got {alpha!r}")
+        raise InputError(f"alpha must be in (0, 1); got {alpha!r}")
     y_arr = _as_labels(y)
     pa = _as_probs(prob_a, y_arr.size, "prob_a")
     pb = _as_probs(prob_b, y_arr.size, "prob_b")
@@ -533,7 +535,7 @@ def mcnemar_test(y: Any, pred_a: Any, pred_b: Any) -> dict[str, Any]:
     b_arr = _as_labels(pred_b, "pred_b")
     for name, arr in (("pred_a", a), ("pred_b", b_arr)):
         if arr.size != y_arr.size:
-            raise ValueError(
+            raise InputError(
                 f"length mismatch: y has {y_arr.size} values but {name} has {arr.size}"
             )
     right_a, right_b = a == y_arr, b_arr == y_arr
@@ -578,7 +580,7 @@ def study_family(arch: str) -> str:
     """
     match = _FAMILY_RE.match(str(arch).strip().lower())
     if match is None:
-        raise ValueError(
+        raise InputError(
             f"unknown architecture {arch!r}: expected a DenseNet (e.g. densenet121) or a "
             "ResNet (e.g. resnet34)"
         )
@@ -634,7 +636,7 @@ def comparison_table(measured: pd.DataFrame) -> pd.DataFrame:
     required = ("arch", *_TABLE1_METRICS)
     missing = [c for c in required if c not in measured.columns]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"measured is missing column(s) {missing}; required: {', '.join(required)}"
         )
     has_nll = "test_nll" in measured.columns

@@ -38,6 +38,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from pcamlib.errors import InputError
 from pcamlib.pcam import (
     CENTRE_BOX,
     EXPECTED_LENGTHS,
@@ -163,11 +164,11 @@ def _style_codes(stain_style: str | int | np.ndarray | None, n: int,
         return rng.integers(0, len(STAIN_STYLES), n).astype(np.int8)
     if isinstance(stain_style, str):
         if stain_style not in STAIN_STYLES:
-            raise ValueError(f"stain_style must be one of {STAIN_STYLES}, got {stain_style!r}")
+            raise InputError(f"stain_style must be one of {STAIN_STYLES}, got {stain_style!r}")
         return np.full(n, STAIN_STYLES.index(stain_style), dtype=np.int8)
     codes = np.broadcast_to(np.asarray(stain_style), (n,)).astype(np.int8)
     if codes.min(initial=0) < 0 or codes.max(initial=0) >= len(STAIN_STYLES):
-        raise ValueError(f"stain style codes must be in 0..{len(STAIN_STYLES) - 1}")
+        raise InputError(f"stain style codes must be in 0..{len(STAIN_STYLES) - 1}")
     return codes
 
 
@@ -546,9 +547,9 @@ def generate_patches(
         and N x 96 x 96 bool tumour masks, with ``labels == masks[:, 32:64, 32:64].any()``.
     """
     if n < 0:
-        raise ValueError(f"n must be non-negative, got {n}")
+        raise InputError(f"n must be non-negative, got {n}")
     if not 0.0 <= positive_fraction <= 1.0:
-        raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
+        raise InputError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
     rng = np.random.default_rng(seed)
     n_pos = round(n * positive_fraction)
     labels = rng.permutation(np.r_[np.ones(n_pos, np.int64), np.zeros(n - n_pos, np.int64)])
@@ -569,16 +570,16 @@ def resolve_sizes(sizes: Mapping[str, int] | None = None, *, full_size: bool = F
     """
     if full_size:
         if sizes is not None:
-            raise ValueError("give either sizes or full_size=True, not both")
+            raise InputError("give either sizes or full_size=True, not both")
         return dict(EXPECTED_LENGTHS)
     sizes = dict(sizes or {})
     unknown = set(sizes) - set(SPLITS)
     if unknown:
-        raise ValueError(f"unknown split(s) {sorted(unknown)}; expected some of {SPLITS}")
+        raise InputError(f"unknown split(s) {sorted(unknown)}; expected some of {SPLITS}")
     out = {s: int(sizes.get(s, DEFAULT_SIZES[s])) for s in SPLITS}
     for split, rows in out.items():
         if rows < 2:
-            raise ValueError(f"{split}: need at least 2 rows (one per class), got {rows}")
+            raise InputError(f"{split}: need at least 2 rows (one per class), got {rows}")
     return out
 
 
