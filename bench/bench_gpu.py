@@ -88,8 +88,8 @@ def _device(name: str) -> torch.device:
 def _learner(data_dir: Path, arch: str, device: torch.device, run_dir: Path,
              num_workers: int | None, bs: int):
     from pcamlib.data import IMAGENET_STATS
+    from pcamlib.learner import PretrainedChoice, build_learner
     from pcamlib.profiles import get_profile
-    from pcamlib.train import PretrainedChoice, build_learner
 
     profile = get_profile(
         "paper", data_dir=data_dir, archs=[arch], pretrained="no", num_workers=num_workers, bs=bs,

@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from pcamlib.data import IMAGENET_STATS, default_device
     from pcamlib.evaluate import predict_probs
+    from pcamlib.learner import PretrainedChoice, build_learner
     from pcamlib.pcam import PCamSplit
     from pcamlib.profiles import get_profile
-    from pcamlib.train import PretrainedChoice, build_learner
 
     device = torch.device(args.device) if args.device else default_device()
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:

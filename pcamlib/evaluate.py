@@ -11,6 +11,7 @@ Learner's own validation metrics. Results are tidy CSV/JSON in the run directory
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import nullcontext
@@ -24,10 +25,13 @@ from fastai.learner import Learner
 
 from pcamlib import metrics as M
 from pcamlib.data import dihedral, split_dataloader
-from pcamlib.pcam import PCamSplit
+from pcamlib.errors import InputError
+from pcamlib.pcam import PCamSplit, content_digest
 from pcamlib.profiles import Profile
-from pcamlib.train import (
-    _atomic_write_text,
+from pcamlib.runs import (
+    RunRecord,
+    atomic_write_text,
+    finished_run,
     load_best_learner,
     read_history,
     run_dir_for,
@@ -128,12 +132,31 @@ def _metric_rows(arch: str, split: str, variant: str, y: np.ndarray, prob: np.nd
     return rows
 
 
-def _eval_key(profile: Profile, run_dir: Path) -> dict:
-    best = run_dir / "best.pth"
-    stat = best.stat()
-    return {"best_size": stat.st_size, "best_mtime_ns": stat.st_mtime_ns,
-            "splits": list(profile.eval_splits), "tta": profile.tta, "n_boot": profile.n_boot,
-            "seed": profile.seed, "train_rows": profile.train_rows}
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def evaluation_key(profile: Profile, record: RunRecord) -> dict:
+    """What cached predictions depend on (the key of ``evaluation.json``).
+
+    The run's full identity and resolved values, the exact weights (SHA-256 of
+    ``best.pth``), the evaluation settings and the content of every split evaluated.
+    """
+    data = {}
+    for split in profile.eval_splits:
+        rows = profile.train_rows if split == "train" else None
+        data[split] = content_digest(PCamSplit(profile.data_dir, split, rows=rows))
+    return json.loads(json.dumps({
+        "identity": record.identity, "resolved": record.resolved,
+        "best_sha256": _sha256(record.best_weights),
+        "evaluation": {"splits": list(profile.eval_splits), "tta": profile.tta,
+                       "n_boot": profile.n_boot, "seed": profile.seed},
+        "data": data,
+    }))
 
 
 def evaluate_run(
@@ -143,8 +166,9 @@ def evaluate_run(
     """Predict every evaluation split with the run's best model and compute its metrics.
 
     TTA is computed on valid and test (on train it would cost 8 passes over the largest
-    split and says nothing the plain number does not). Results are reused when the best
-    model and the evaluation settings are unchanged.
+    split and says nothing the plain number does not). The run must match the profile
+    (settings and train/valid data, see :func:`pcamlib.runs.finished_run`); results on
+    disk are reused only when :func:`evaluation_key` is unchanged.
 
     Args:
         profile: Parameters (evaluation splits, TTA, bootstrap size, seed).
@@ -157,11 +181,16 @@ def evaluate_run(
     Returns:
         The evaluation (also written to the run directory).
     """
-    run_dir = run_dir_for(profile, arch, runs_root)
+    record = finished_run(profile, arch, runs_root)  # refuses a run of other settings
+    run_dir = record.run_dir
+    key = evaluation_key(profile, record)
     eval_json = run_dir / "evaluation.json"
-    if reuse and eval_json.is_file() and (run_dir / "best.pth").is_file():
-        saved = json.loads(eval_json.read_text())
-        if saved.get("key") == _eval_key(profile, run_dir):
+    if reuse and eval_json.is_file():
+        try:
+            saved = json.loads(eval_json.read_text())
+        except json.JSONDecodeError:
+            saved = {}
+        if saved.get("key") == key:
             return Evaluation(arch, run_dir, pd.read_csv(run_dir / "predictions.csv"),
                               pd.read_csv(run_dir / "metrics.csv"), saved["fastai_validate"])
     learn, _ = load_best_learner(profile, arch, runs_root=runs_root, progress=False, device=device)
@@ -185,8 +214,8 @@ def evaluate_run(
     table.to_csv(run_dir / ".metrics.csv.tmp", index=False)
     os.replace(run_dir / ".metrics.csv.tmp", run_dir / "metrics.csv")
     fastai_validate = {"valid_loss": valid_loss, "accuracy": acc, "auc": auc}
-    _atomic_write_text(eval_json, json.dumps(
-        {"key": _eval_key(profile, run_dir), "fastai_validate": fastai_validate}, indent=1))
+    atomic_write_text(eval_json, json.dumps({"key": key, "fastai_validate": fastai_validate},
+                                            indent=1))
     return Evaluation(arch, run_dir, predictions, table, fastai_validate)
 
 
@@ -288,7 +317,7 @@ def compare_runs(
         pb = evals[b].predictions.query("split == 'test'")
         y = pa.label.to_numpy()
         if not np.array_equal(y, pb.label.to_numpy()):
-            raise ValueError(f"runs {a} and {b} were evaluated on different test labels")
+            raise InputError(f"runs {a} and {b} were evaluated on different test labels")
         for variant, col in (("plain", "prob"), ("tta", "prob_tta")):
             if pa[col].isna().all():
                 continue

@@ -8,6 +8,7 @@ number of rows, is accepted: the official data, an imported subset or generated 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
+
+from pcamlib.errors import InputError
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 """Split names as they appear in the official file names."""
@@ -70,7 +73,7 @@ class PCamFile:
 def check_split(split: str) -> str:
     """Return ``split`` if it is a PCam split name, else raise a clear error."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+        raise InputError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
     return split
 
 
@@ -86,7 +89,7 @@ def file_name(split: str, kind: str) -> str:
     """
     check_split(split)
     if kind not in ("x", "y", "meta"):
-        raise ValueError(f"kind must be one of 'x', 'y', 'meta', got {kind!r}")
+        raise InputError(f"kind must be one of 'x', 'y', 'meta', got {kind!r}")
     suffix = "csv" if kind == "meta" else "h5"
     return f"camelyonpatch_level_2_split_{split}_{kind}.{suffix}"
 
@@ -122,7 +125,7 @@ PCAM_FILES: dict[tuple[str, str], PCamFile] = {
 _IOV_MAX = 1024  # most buffers one preadv call accepts on Linux
 
 
-class PCamFormatError(ValueError):
+class PCamFormatError(InputError):
     """A file is missing or does not follow the PCam layout."""
 
 
@@ -319,7 +322,7 @@ class PCamSplit(Dataset):
         self.split = split
         self.info = validate_split(self.root, split, full_size=full_size)
         if rows is not None and not 0 < rows <= self.info.length:
-            raise ValueError(
+            raise InputError(
                 f"rows must be in 1..{self.info.length} for {self.info.x_path}; got {rows}"
             )
         self.rows = rows
@@ -408,7 +411,7 @@ class PCamSplit(Dataset):
         if out is None:
             out = np.empty(shape, dtype=np.uint8)
         elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
-            raise ValueError(
+            raise InputError(
                 f"out must be a C-contiguous uint8 array of shape {shape}; got {out.shape} "
                 f"{out.dtype}"
             )
@@ -465,16 +468,43 @@ class PCamSplit(Dataset):
         return None if meta is None else meta.iloc[: len(self)]
 
 
-def _stats_cache_path(info: SplitInfo) -> Path:
-    return info.x_path.with_name(info.x_path.stem + ".stats.json")
+def _cache_key(data: PCamSplit) -> dict:
+    """What a cached result about ``data`` depends on: both files' size and mtime, rows."""
+    x, y = data.info.x_path.stat(), data.info.y_path.stat()
+    return {"size": x.st_size, "mtime_ns": x.st_mtime_ns, "y_size": y.st_size,
+            "y_mtime_ns": y.st_mtime_ns, "rows": len(data)}
+
+
+def _cached(data: PCamSplit, suffix: str, compute, cache: bool) -> dict:
+    """``compute()``, cached beside the data as ``<x file stem><suffix>``.
+
+    The cache is reused while the files and the row count are unchanged; a read-only
+    data directory just skips it.
+    """
+    key = _cache_key(data)
+    path = data.info.x_path.with_name(data.info.x_path.stem + suffix)
+    if cache and path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key:
+                return cached["value"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    value = compute()
+    if cache:
+        try:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps({"key": key, "value": value}, indent=1))
+            tmp.replace(path)
+        except OSError:
+            pass
+    return value
 
 
 def channel_stats(data: PCamSplit, chunk_rows: int = 4096, cache: bool = True) -> dict:
     """Per-channel mean and std of a split, in [0, 1] units, streamed chunk by chunk.
 
-    The result is cached beside the data as ``<x file>.stats.json`` and reused while the
-    file's size and modification time are unchanged. A read-only data directory just
-    skips the cache.
+    Cached beside the data as ``<x file>.stats.json`` (see :func:`_cached`).
 
     Args:
         data: The split.
@@ -484,35 +514,47 @@ def channel_stats(data: PCamSplit, chunk_rows: int = 4096, cache: bool = True) -
     Returns:
         ``{"mean": [r, g, b], "std": [r, g, b], "rows": N}``.
     """
-    stat = data.info.x_path.stat()
-    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "rows": len(data)}
-    path = _stats_cache_path(data.info)
-    if cache and path.is_file():
-        try:
-            cached = json.loads(path.read_text())
-            if cached.get("key") == key:
-                return cached["stats"]
-        except (json.JSONDecodeError, KeyError):
-            pass
-    total = np.zeros(3, dtype=np.float64)
-    total_sq = np.zeros(3, dtype=np.float64)
-    count = 0
-    for _, chunk in data.iter_chunks(chunk_rows):
-        pixels = chunk.reshape(-1, 3).astype(np.float64)
-        total += pixels.sum(0)
-        total_sq += np.square(pixels).sum(0)
-        count += pixels.shape[0]
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
-    stats = {"mean": (mean / 255).tolist(), "std": (std / 255).tolist(), "rows": len(data)}
-    if cache:
-        try:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"key": key, "stats": stats}, indent=1))
-            tmp.replace(path)
-        except OSError:
-            pass
-    return stats
+
+    def compute() -> dict:
+        total = np.zeros(3, dtype=np.float64)
+        total_sq = np.zeros(3, dtype=np.float64)
+        count = 0
+        for _, chunk in data.iter_chunks(chunk_rows):
+            pixels = chunk.reshape(-1, 3).astype(np.float64)
+            total += pixels.sum(0)
+            total_sq += np.square(pixels).sum(0)
+            count += pixels.shape[0]
+        mean = total / count
+        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+        return {"mean": (mean / 255).tolist(), "std": (std / 255).tolist(), "rows": len(data)}
+
+    return _cached(data, ".stats.json", compute, cache)
+
+
+def content_digest(data: PCamSplit, chunk_rows: int = 4096, cache: bool = True) -> dict:
+    """What a split holds, as a checksum of its labels and every pixel (its identity).
+
+    Two directories with the same rows in the same order have the same digest wherever
+    they live, whatever HDF5 layout or compression wrote them. Cached beside the data as
+    ``<x file>.digest.json`` (a full pass over a 7.2 GB train split takes about a minute).
+
+    Args:
+        data: The split (only its first ``rows`` rows when limited).
+        chunk_rows: Rows read per chunk (bounds memory).
+        cache: Read and write the cache file.
+
+    Returns:
+        ``{"rows": N, "positives": P, "sha256": hex digest of labels then pixels}``.
+    """
+
+    def compute() -> dict:
+        digest = hashlib.sha256(data.labels.astype(np.uint8).tobytes())
+        for _, chunk in data.iter_chunks(chunk_rows):
+            digest.update(np.ascontiguousarray(chunk).data)
+        return {"rows": len(data), "positives": int(data.labels.sum()),
+                "sha256": digest.hexdigest()}
+
+    return _cached(data, ".digest.json", compute, cache)
 
 
 class PCamWriter:
@@ -533,7 +575,7 @@ class PCamWriter:
     def __init__(self, root: str | os.PathLike, split: str, length: int, meta: bool = False):
         check_split(split)
         if length <= 0:
-            raise ValueError(f"length must be positive, got {length}")
+            raise InputError(f"length must be positive, got {length}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.split, self.length, self.written = split, length, 0

@@ -24,15 +24,12 @@ from matplotlib.figure import Figure
 from pcamlib import config
 from pcamlib import figures as F
 from pcamlib.data import AugmentConfig, PCamAugment
+from pcamlib.errors import MissingInputError
 from pcamlib.evaluate import Comparison, compare_runs
 from pcamlib.pcam import SPLITS, PCamSplit, available_splits, channel_stats, validate_split
 from pcamlib.profiles import Profile, get_profile
-from pcamlib.train import (
-    TrainResult,
-    run_is_complete,
-    run_lr_find,
-    train,
-)
+from pcamlib.runs import run_is_complete
+from pcamlib.train import TrainResult, run_lr_find, train
 
 
 @dataclass
@@ -107,7 +104,7 @@ def ensure_data(profile: Profile, progress: bool = True) -> Path:
 
         write_sample(data_dir, progress=progress)
         return data_dir
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"{data_dir}: no PCam-format files for split(s) {', '.join(missing)}. Get the data "
         f"with `pcamlib download --dest {data_dir}` (official PCam) or `pcamlib import "
         f"folders SRC --dest {data_dir}` (image folders), or pass --data-dir."
@@ -301,12 +298,17 @@ def train_step(ctx: ReportContext, arch: str, *, restart: bool = False) -> StepO
 
 
 def evaluate_step(
-    ctx: ReportContext, archs: list[str] | tuple[str, ...] | None = None
+    ctx: ReportContext, archs: list[str] | tuple[str, ...] | None = None, *,
+    train_missing: bool = False,
 ) -> StepOutput:
     """Notebook 05: compare the runs: Table 1, Figures 2-4, confusion matrices, TTA, tests.
 
-    Runs that are missing are trained first with the same engine (a finished run is
-    reused, an interrupted one resumed), so the notebook also works on its own.
+    Args:
+        ctx: Report context.
+        archs: Architectures (default: the profile's).
+        train_missing: Train runs that are missing or unfinished first (which can take
+            hours). Off by default: a missing run is an error naming the command that
+            trains it.
 
     Returns:
         Tables ``table1``, ``table1_vs_study``, ``paired_tests``, ``metrics``; figures
@@ -315,9 +317,10 @@ def evaluate_step(
     """
     out = StepOutput()
     archs = list(archs or ctx.profile.archs)
-    for arch in archs:
-        if not run_is_complete(ctx.profile, arch, ctx.runs_root):
-            train(ctx.profile, arch, runs_root=ctx.runs_root, progress=ctx.progress)
+    if train_missing:
+        for arch in archs:
+            if not run_is_complete(ctx.profile, arch, ctx.runs_root):
+                train(ctx.profile, arch, runs_root=ctx.runs_root, progress=ctx.progress)
     comp: Comparison = compare_runs(ctx.profile, archs, runs_root=ctx.runs_root,
                                     progress=ctx.progress)
     _table(ctx, out, "table1", comp.table1.round(4))

@@ -27,6 +27,7 @@ from sklearn.metrics import (
 )
 
 import pcamlib.evaluate as E
+import pcamlib.runs as R
 import pcamlib.train as T
 from pcamlib.metrics import REFERENCE_ZHAO, STUDY_TABLE1
 from pcamlib.pcam import PCamSplit, PCamWriter
@@ -105,7 +106,7 @@ def evaluation(trained):
 
 @pytest.fixture(scope="module")
 def learner(trained):
-    learn, _ = T.load_best_learner(trained["profile"], ARCHS[0], runs_root=trained["runs"])
+    learn, _ = R.load_best_learner(trained["profile"], ARCHS[0], runs_root=trained["runs"])
     return learn
 
 
@@ -139,7 +140,7 @@ def test_evaluation_files_and_layout(trained, evaluation):
     assert (metrics.arch == ARCHS[0]).all()
     saved = json.loads((run_dir / "evaluation.json").read_text())
     assert set(saved["fastai_validate"]) == {"valid_loss", "accuracy", "auc"}
-    assert saved["key"]["splits"] == ["train", "valid", "test"]
+    assert saved["key"]["evaluation"]["splits"] == ["train", "valid", "test"]
     pd.testing.assert_frame_equal(evaluation.predictions, preds)
     assert evaluation.value("test", "auc") == metrics.query(
         "split == 'test' and variant == 'plain' and metric == 'auc'").value.iloc[0]
@@ -278,8 +279,8 @@ def test_evaluation_is_recomputed_when_best_model_changes(trained, evaluation, t
     E.evaluate_run(profile, ARCHS[0], runs_root=runs, progress=False)
     assert calls == [], "a copied, unchanged run keeps its evaluation"
 
-    best = T.run_dir_for(profile, ARCHS[0], runs) / "best.pth"
-    state = torch.load(best)
+    best = R.run_dir_for(profile, ARCHS[0], runs) / "best.pth"
+    state = R.load_checkpoint(best)
     last_weight = [k for k in state if k.endswith("weight")][-1]
     state[last_weight] = -state[last_weight]
     mtime = best.stat().st_mtime_ns
@@ -289,7 +290,7 @@ def test_evaluation_is_recomputed_when_best_model_changes(trained, evaluation, t
     assert calls.count(False) == 3 and calls.count(True) == 2
     assert not np.allclose(changed.predictions.prob, evaluation.predictions.prob, atol=1e-3)
     saved = json.loads((best.parent / "evaluation.json").read_text())
-    assert saved["key"]["best_mtime_ns"] == best.stat().st_mtime_ns
+    assert saved["key"]["best_sha256"] == E._sha256(best)
     pd.testing.assert_frame_equal(pd.read_csv(best.parent / "predictions.csv"),
                                   changed.predictions)
 

@@ -19,6 +19,8 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
+import pcamlib.learner as L
+import pcamlib.runs as R
 import pcamlib.train as T
 from pcamlib.pcam import PCamWriter
 from pcamlib.profiles import get_profile
@@ -103,14 +105,14 @@ def resumed(data_dir, tmp_path_factory, uninterrupted):
     """Run B: the same parameters, killed after epoch 0, then trained again."""
     runs = tmp_path_factory.mktemp("runs_b")
     profile = make_profile(data_dir, pretrained="auto")
-    run_dir = T.run_dir_for(profile, ARCH, runs)
+    run_dir = R.run_dir_for(profile, ARCH, runs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(SimulatedKill):
             T.train(profile, ARCH, runs_root=runs, progress=False,
                     extra_cbs=[KillAfterFirstEpoch()])
         after_kill = {
-            "history": T.read_history(run_dir),
+            "history": R.read_history(run_dir),
             "checkpoint": (run_dir / "checkpoint.pth").is_file(),
             "run_json": (run_dir / "run.json").is_file(),
         }
@@ -173,18 +175,18 @@ def test_study_learning_rates_with_fixed_policy():
 
 def test_pretrained_yes_without_weights_raises(data_dir, tmp_path, empty_weights_cache):
     profile = make_profile(data_dir, pretrained="yes")
-    expected = T.pretrained_weights_file(ARCH)
+    expected = L.pretrained_weights_file(ARCH)
     assert expected.parent.parent == empty_weights_cache
     with pytest.raises(FileNotFoundError) as err:
         T.train(profile, ARCH, runs_root=tmp_path, progress=False)
     assert str(expected) in str(err.value)
     assert "pretrained='yes'" in str(err.value)
-    assert not (T.run_dir_for(profile, ARCH, tmp_path) / "run.json").exists()
+    assert not (R.run_dir_for(profile, ARCH, tmp_path) / "run.json").exists()
 
 
 @pytest.mark.slow
 def test_pretrained_auto_warns_and_records_scratch(uninterrupted):
-    expected = str(T.pretrained_weights_file(ARCH))
+    expected = str(L.pretrained_weights_file(ARCH))
     messages = [str(w.message) for w in uninterrupted["warnings"]]
     assert any(expected in m and "from scratch" in m for m in messages), messages
     run = uninterrupted["run_json"]
@@ -192,8 +194,9 @@ def test_pretrained_auto_warns_and_records_scratch(uninterrupted):
     assert expected in run["pretrained_message"]
     assert run["pretrained_message"] in messages
     params = json.loads((uninterrupted["result"].run_dir / "params.json").read_text())
-    assert params["pretrained"] == "auto" and params["pretrained_used"] is False
-    assert params["normalisation"]["source"] == "train split"
+    assert params["identity"]["pretrained"] == "auto"
+    assert params["resolved"]["pretrained_used"] is False
+    assert params["resolved"]["normalisation"]["source"] == "train split"
 
 
 # --------------------------------------------------------------------------- resume
@@ -212,12 +215,12 @@ def test_resumed_run_equals_uninterrupted_run(uninterrupted, resumed):
     a, b = uninterrupted["result"], resumed["result"]
     assert b.resumed_from == 1
     assert a.resumed_from == 0
-    assert list(a.history.columns) == T.HISTORY_COLUMNS
+    assert list(a.history.columns) == R.HISTORY_COLUMNS
     assert a.history["epoch"].tolist() == [0, 1, 2]
     assert a.history["phase"].tolist() == ["scratch"] * 3
     # Exact: weights, optimiser, RNG streams and the smoothed train loss are restored.
     pd.testing.assert_frame_equal(b.history[COMPARED], a.history[COMPARED], check_exact=True)
-    on_disk = T.read_history(b.run_dir)
+    on_disk = R.read_history(b.run_dir)
     pd.testing.assert_frame_equal(on_disk[COMPARED], a.history[COMPARED], check_exact=False,
                                   rtol=1e-12)
     assert (b.run_dir / "best.pth").is_file()
@@ -237,7 +240,7 @@ def test_resumed_run_equals_uninterrupted_run(uninterrupted, resumed):
 @pytest.mark.slow
 def test_finished_run_is_not_redone(resumed):
     profile, runs = resumed["profile"], resumed["runs"]
-    before = T.read_history(T.run_dir_for(profile, ARCH, runs))
+    before = R.read_history(R.run_dir_for(profile, ARCH, runs))
     counter = CountTraining()
     t0 = time.time()
     with warnings.catch_warnings():
@@ -247,7 +250,7 @@ def test_finished_run_is_not_redone(resumed):
     assert again.resumed_from == 3
     assert time.time() - t0 < 60
     pd.testing.assert_frame_equal(again.history, resumed["result"].history)
-    pd.testing.assert_frame_equal(T.read_history(again.run_dir), before)
+    pd.testing.assert_frame_equal(R.read_history(again.run_dir), before)
     assert again.best_epoch == resumed["result"].best_epoch
 
 
@@ -256,42 +259,56 @@ def test_changed_parameter_raises_and_restart_sets_run_aside(uninterrupted, tmp_
     runs = tmp_path / "runs"
     shutil.copytree(uninterrupted["runs"], runs)
     changed = make_profile(uninterrupted["profile"].data_dir, pretrained="auto", epochs=1)
-    run_dir = T.run_dir_for(changed, ARCH, runs)
-    with warnings.catch_warnings(), pytest.raises(T.RunParameterError,
-                                                  match=r"epochs: was 3, now 1"):
+    run_dir = R.run_dir_for(changed, ARCH, runs)
+    with warnings.catch_warnings(), pytest.raises(R.RunMismatchError,
+                                                  match=r"epochs: run 3, requested 1"):
         warnings.simplefilter("ignore")
         T.train(changed, ARCH, runs_root=runs, progress=False)
-    assert len(T.read_history(run_dir)) == 3, "a refused run must be left alone"
+    assert len(R.read_history(run_dir)) == 3, "a refused run must be left alone"
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = T.train(changed, ARCH, runs_root=runs, progress=False, restart=True)
     aside = [p for p in run_dir.parent.iterdir() if p.name.startswith(f"{ARCH}.replaced-")]
     assert len(aside) == 1
-    assert len(T.read_history(aside[0])) == 3
-    assert json.loads((aside[0] / "params.json").read_text())["epochs"] == 3
+    assert len(R.read_history(aside[0])) == 3
+    assert json.loads((aside[0] / "params.json").read_text())["identity"]["epochs"] == 3
     assert result.resumed_from == 0
     assert result.history["epoch"].tolist() == [0]
-    assert json.loads((run_dir / "params.json").read_text())["epochs"] == 1
+    assert json.loads((run_dir / "params.json").read_text())["identity"]["epochs"] == 1
     assert json.loads((run_dir / "run.json").read_text())["complete"] is True
 
 
 # --------------------------------------------------------------------------- early stopping
 
 
+class RisingValidLoss(Callback):
+    """Records valid losses 0.5, 0.4, 0.6, 0.7 (after the Recorder, before the keeper).
+
+    Scripted rather than provoked with a huge LR, which can diverge to NaN, where the
+    AUC metric itself fails.
+    """
+
+    order = 70
+    losses = (0.5, 0.4, 0.6, 0.7)
+
+    def after_epoch(self):
+        self.recorder.values[-1][1] = self.losses[self.epoch]
+
+
 @pytest.mark.slow
 def test_early_stopping_on_rising_valid_loss(data_dir, tmp_path):
-    profile = make_profile(data_dir, epochs=4, patience=1, lrs={"resnet": 5.0})
-    result = T.train(profile, ARCH, runs_root=tmp_path, progress=False)
+    profile = make_profile(data_dir, epochs=4, patience=1)
+    result = T.train(profile, ARCH, runs_root=tmp_path, progress=False,
+                     extra_cbs=[RisingValidLoss()])
     history = result.history
     assert result.stopped_early
-    assert len(history) < profile.epochs
-    assert history["valid_loss"].iloc[-1] >= history["valid_loss"].iloc[:-1].min()
-    assert result.best_epoch == int(history["epoch"].iloc[np.nanargmin(history["valid_loss"])])
+    assert history["valid_loss"].tolist() == pytest.approx([0.5, 0.4, 0.6])
+    assert result.best_epoch == 1
     run = json.loads((result.run_dir / "run.json").read_text())
     assert run["stopped_early"] is True and run["complete"] is True
-    assert run["epochs_run"] == len(history)
-    assert run["best_epoch"] == result.best_epoch
+    assert run["epochs_run"] == 3
+    assert run["best_epoch"] == 1
     assert (result.run_dir / "best.pth").is_file()
 
 
@@ -311,12 +328,12 @@ def test_lr_find_suggestions_and_chosen_lr(data_dir, tmp_path, monkeypatch):
     assert found.chosen == found.suggestions["valley"]
     assert found.policy == "find"
 
-    run_dir = T.run_dir_for(profile, ARCH, tmp_path)
+    run_dir = R.run_dir_for(profile, ARCH, tmp_path)
     saved = json.loads((run_dir / "lr_find.json").read_text())
     assert saved["suggestions"] == found.suggestions
     assert saved["chosen"] == found.chosen
     assert not (run_dir / "models").exists(), "lr_find's temporary weights are removed"
-    assert T.read_lr_find(profile, ARCH, tmp_path) == found
+    assert R.read_lr_find(profile, ARCH, tmp_path) == found
 
     def no_rerun(*args, **kwargs):
         raise AssertionError("lr_find must be reused, not run again")
@@ -328,38 +345,81 @@ def test_lr_find_suggestions_and_chosen_lr(data_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_torch_foreach_sgd_resumes_exactly(data_dir, tmp_path):
-    """The GPU-friendly optimiser keeps the resume contract and the study's hyper-parameters."""
-    profile = make_profile(data_dir, optimizer="torch", epochs=2)
+def test_foreach_optimizer_trains_exactly_like_fastai_sgd_and_resumes(data_dir, tmp_path):
+    """optimizer='fastai-foreach' is fastai's SGD: same history, same weights, exact resume."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        full = T.train(profile, ARCH, runs_root=tmp_path / "a", progress=False)
+        runs = {}
+        for optimizer in ("fastai", "fastai-foreach"):
+            profile = make_profile(data_dir, optimizer=optimizer, epochs=2)
+            runs[optimizer] = T.train(profile, ARCH, runs_root=tmp_path / optimizer,
+                                      progress=False)
+        fast = make_profile(data_dir, optimizer="fastai-foreach", epochs=2)
         with pytest.raises(SimulatedKill):
-            T.train(profile, ARCH, runs_root=tmp_path / "b", progress=False,
+            T.train(fast, ARCH, runs_root=tmp_path / "killed", progress=False,
                     extra_cbs=[KillAfterFirstEpoch()])
-        resumed = T.train(profile, ARCH, runs_root=tmp_path / "b", progress=False)
-        learn = T.load_best_learner(profile, ARCH, runs_root=tmp_path / "b")[0]
-    learn.create_opt()
-    torch_opt = learn.opt.opt
-    assert isinstance(torch_opt, torch.optim.SGD) and torch_opt.defaults["foreach"] is True
-    assert torch_opt.param_groups[0]["momentum"] == pytest.approx(0.9)
-    assert torch_opt.param_groups[0]["weight_decay"] == pytest.approx(profile.wd)
+        resumed = T.train(fast, ARCH, runs_root=tmp_path / "killed", progress=False)
+    reference, foreach = runs["fastai"], runs["fastai-foreach"]
+    pd.testing.assert_frame_equal(foreach.history[COMPARED], reference.history[COMPARED],
+                                  check_exact=False, rtol=0, atol=1e-6)
+    best_ref = R.load_checkpoint(reference.run_dir / "best.pth")
+    best_fast = R.load_checkpoint(foreach.run_dir / "best.pth")
+    for name, value in best_ref.items():
+        torch.testing.assert_close(best_fast[name], value, rtol=0, atol=1e-6, msg=name)
     assert resumed.resumed_from == 1
-    pd.testing.assert_frame_equal(full.history.drop(columns="seconds"),
-                                  resumed.history.drop(columns="seconds"), check_exact=True)
+    pd.testing.assert_frame_equal(resumed.history[COMPARED], foreach.history[COMPARED],
+                                  check_exact=True)
+    recipe = json.loads((foreach.run_dir / "run.json").read_text())["recipe"]
+    assert "decoupled weight decay" in recipe["optimizer"] and "foreach" in recipe["optimizer"]
 
 
 def test_unknown_optimizer_is_named(tmp_path):
-    with pytest.raises(ValueError, match="optimizer must be 'fastai' or 'torch'"):
-        get_profile("sample", data_dir=tmp_path, optimizer="adam")
+    with pytest.raises(ValueError, match="optimizer must be 'fastai' or 'fastai-foreach'"):
+        get_profile("sample", data_dir=tmp_path, optimizer="torch")
+
+
+@pytest.mark.parametrize("moms", [[0.9, 0.9], [0.95, 1.2, 0.95], ["a", 0.85, 0.95]])
+def test_bad_momentum_schedule_is_named(tmp_path, moms):
+    with pytest.raises(ValueError, match="moms must be three momentum values"):
+        get_profile("sample", data_dir=tmp_path, moms=moms)
+
+
+class MomentumLog(Callback):
+    """Records the optimiser's momentum at every training batch."""
+
+    order = 70
+
+    def __init__(self):
+        self.moms = []
+
+    def after_batch(self):
+        if self.training:
+            self.moms.append(float(self.opt.hypers[-1]["mom"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moms", [(0.95, 0.85, 0.95), (0.9, 0.9, 0.9)], ids=["cycle", "fixed"])
+def test_momentum_schedule_is_the_profile_field_and_recorded(data_dir, tmp_path, moms):
+    profile = make_profile(data_dir, epochs=1, moms=list(moms))
+    log = MomentumLog()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = T.train(profile, ARCH, runs_root=tmp_path, progress=False, extra_cbs=[log])
+    assert log.moms[0] == pytest.approx(moms[0], abs=1e-3)
+    assert min(log.moms) == pytest.approx(moms[1], abs=1e-2)
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["recipe"]["moms"] == list(moms)
+    assert f"{moms[0]:g} -> {moms[1]:g} -> {moms[2]:g}" in run["recipe"]["momentum"]
+    params = json.loads((result.run_dir / "params.json").read_text())
+    assert params["identity"]["moms"] == list(moms)
 
 
 def test_cpu_learner_is_channels_last_end_to_end(data_dir, tmp_path):
     """Model weights and every split's batches share the NHWC layout on a CPU too."""
     profile = make_profile(data_dir, pretrained="no")
-    choice = T.choose_pretrained(ARCH, "no")
-    learn = T.build_learner(profile, ARCH, run_dir=tmp_path, pretrained=choice,
-                            norm=T.normalisation(profile, False),
+    choice = L.choose_pretrained(ARCH, "no")
+    learn = L.build_learner(profile, ARCH, run_dir=tmp_path, pretrained=choice,
+                            norm=L.normalisation(profile, False),
                             device=torch.device("cpu"), progress=False)
     convs = [m for m in learn.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last)

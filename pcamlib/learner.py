@@ -1,0 +1,194 @@
+"""The study's fastai Learner: architecture, ImageNet weights, normalisation, optimiser.
+
+Everything that decides what model and optimiser a profile trains lives here; the
+training loop is :mod:`pcamlib.train` and run directories are :mod:`pcamlib.runs`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torchvision
+from fastai.callback.progress import ProgressCallback
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import RocAucBinary, accuracy
+from fastai.optimizer import SGD
+from fastai.torch_core import set_seed
+from fastai.vision.learner import vision_learner
+
+from pcamlib.data import IMAGENET_STATS, default_device, pcam_dataloaders
+from pcamlib.errors import InputError, MissingInputError
+from pcamlib.optim import ForeachSGD
+from pcamlib.pcam import PCamSplit, channel_stats
+from pcamlib.profiles import ARCHITECTURES, Profile
+
+
+def check_arch(arch: str) -> None:
+    """Raise :class:`InputError` unless ``arch`` is one of :data:`ARCHITECTURES`."""
+    if arch not in ARCHITECTURES:
+        raise InputError(
+            f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}"
+        )
+
+
+def _weights_enum(arch: str):
+    return torchvision.models.get_model_weights(arch).DEFAULT
+
+
+def pretrained_weights_file(arch: str) -> Path:
+    """Where torchvision looks for ``arch``'s ImageNet weights (the torch hub cache)."""
+    url = _weights_enum(arch).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class PretrainedChoice:
+    """Whether a run starts from ImageNet weights, and why.
+
+    Attributes:
+        used: ImageNet weights were loaded.
+        weights_file: Where they were looked for.
+        message: A sentence for logs and the report.
+    """
+
+    used: bool
+    weights_file: str
+    message: str
+
+
+def choose_pretrained(arch: str, mode: str) -> PretrainedChoice:
+    """Decide on ImageNet weights without touching the network.
+
+    Args:
+        arch: Architecture name.
+        mode: ``auto``, ``yes`` or ``no`` (see :class:`~pcamlib.profiles.Profile`).
+
+    Returns:
+        The decision with a human-readable reason.
+
+    Raises:
+        MissingInputError: when ``mode='yes'`` and the weights are not in the cache.
+    """
+    path = pretrained_weights_file(arch)
+    if mode == "no":
+        return PretrainedChoice(False, str(path), f"{arch}: trained from scratch (pretrained='no')")
+    if path.is_file():
+        return PretrainedChoice(True, str(path), f"{arch}: ImageNet weights from {path}")
+    if mode == "yes":
+        raise MissingInputError(
+            f"{arch}: ImageNet weights not found at {path} (no download is attempted), and "
+            f"the profile requires them (pretrained='yes'). Copy torchvision's file there "
+            f"(it is {_weights_enum(arch).url}), or pass --set pretrained=no to train from "
+            "scratch instead (a different recipe from the study's fine_tune)."
+        )
+    message = (
+        f"{arch}: ImageNet weights not found at {path} (no download is attempted); "
+        "training from scratch. Put the torchvision weights file there to fine-tune."
+    )
+    warnings.warn(message, stacklevel=2)
+    return PretrainedChoice(False, str(path), message)
+
+
+def normalisation(profile: Profile, pretrained: bool) -> dict:
+    """Normalisation statistics: ImageNet's with pretrained weights, else the train split's."""
+    if pretrained:
+        mean, std = IMAGENET_STATS
+        return {"source": "imagenet", "mean": list(mean), "std": list(std)}
+    stats = channel_stats(PCamSplit(profile.data_dir, "train", rows=profile.train_rows))
+    return {"source": "train split", "mean": stats["mean"], "std": stats["std"]}
+
+
+def precision_for(profile: Profile, device: torch.device) -> str:
+    """The arithmetic a run uses: ``fp32`` on a CPU, else the profile's mixed precision."""
+    if device.type != "cuda" or profile.mixed_precision == "no":
+        return "fp32"
+    if profile.mixed_precision in ("bf16", "fp16"):
+        return profile.mixed_precision
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def optimizer_func(profile: Profile):
+    """The fastai ``opt_func`` of the profile's SGD (see ``Profile.optimizer``).
+
+    Both are fastai's SGD with decoupled weight decay that spares norm and bias
+    parameters; ``mom`` only matters where no schedule sets it (``lr_find``), since the
+    one-cycle schedule sets the momentum at every batch (``Profile.moms``).
+    """
+    if profile.optimizer == "fastai":
+        return partial(SGD, mom=profile.mom)
+    return partial(ForeachSGD, mom=profile.mom)
+
+
+def optimizer_description(profile: Profile) -> str:
+    """One sentence on the optimiser a run uses, for ``run.json`` and the report."""
+    impl = ("fastai's Python loop over parameters" if profile.optimizer == "fastai"
+            else "the same update in torch foreach operations (pcamlib.optim.ForeachSGD)")
+    return (f"fastai SGD: decoupled weight decay {profile.wd:g} (p *= 1 - lr*wd; norm and bias "
+            f"parameters not decayed), momentum without dampening; {impl}")
+
+
+def build_learner(
+    profile: Profile,
+    arch: str,
+    *,
+    run_dir: Path,
+    pretrained: PretrainedChoice,
+    norm: dict,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> Learner:
+    """A fastai Learner for ``arch`` on the profile's data, set up per the study's recipe.
+
+    fastai SGD (:func:`optimizer_func`), weight decay ``profile.wd``, cross-entropy over
+    two classes, accuracy and AUC metrics; one-cycle momentum ``profile.moms``;
+    channels_last (NHWC) memory layout on every device; bf16/fp16 mixed precision on
+    CUDA only (CPU stays fp32).
+
+    Args:
+        profile: Parameters.
+        arch: One of :data:`ARCHITECTURES`.
+        run_dir: Where fastai may write temporary files (lr_find).
+        pretrained: Whether to load ImageNet weights.
+        norm: Normalisation statistics (see :func:`normalisation`).
+        device: Training device (default: GPU when present).
+        progress: Show progress bars.
+
+    Returns:
+        The Learner.
+    """
+    check_arch(arch)
+    device = device or default_device()
+    set_seed(profile.seed, reproducible=True)
+    dls = pcam_dataloaders(
+        profile.data_dir, mean=norm["mean"], std=norm["std"], bs=profile.bs,
+        augment=profile.augment, num_workers=profile.num_workers, device=device,
+        seed=profile.seed, train_rows=profile.train_rows, centre_crop=profile.centre_crop,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        learn = vision_learner(
+            dls, getattr(torchvision.models, arch), n_out=2, pretrained=pretrained.used,
+            normalize=False, loss_func=CrossEntropyLossFlat(),
+            opt_func=optimizer_func(profile), wd=profile.wd, moms=tuple(profile.moms),
+            metrics=[accuracy, RocAucBinary()], path=run_dir, model_dir="models",
+        )
+    # NHWC convolutions are faster on CUDA tensor cores and in oneDNN on a CPU too (the
+    # batch pipeline already yields NHWC tensors, so the model should match).
+    learn.model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        precision = precision_for(profile, device)
+        if precision == "bf16":
+            learn.to_bf16()
+        elif precision == "fp16":
+            learn.to_fp16()
+        if profile.compile:
+            learn.model.compile()
+    if not progress:
+        learn.remove_cb(ProgressCallback)
+        learn.logger = lambda *args, **kwargs: None
+    return learn
