@@ -6,8 +6,13 @@ Examples::
     pcamlib download --dest data/pcam
     pcamlib import folders ../shared/data/pcam-real-subset --dest data/real-subset
     pcamlib validate data/real-subset
-    pcamlib train --profile real-subset --arch resnet18
+    pcamlib train --profile real-subset --archs resnet18
+    pcamlib evaluate --profile real-subset --archs resnet18
     pcamlib reproduce --profile sample
+
+Expected failures (bad input, missing files, runs made with other settings) print one
+line starting with ``error:`` and exit with status 1; anything else is a bug and shows
+its traceback. ``python -m pcamlib`` is the same command.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import warnings
 from pathlib import Path
 
 from pcamlib import config
+from pcamlib.errors import InputError, PcamlibError
 
 
 def _overrides(pairs: list[str] | None) -> dict:
@@ -26,7 +32,7 @@ def _overrides(pairs: list[str] | None) -> dict:
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise ValueError(f"--set expects key=value, got {pair!r}")
+            raise InputError(f"--set expects key=value, got {pair!r}")
         key, value = pair.split("=", 1)
         try:
             out[key.strip()] = json.loads(value)
@@ -84,20 +90,31 @@ def _cmd_validate(args) -> int:
     return 0
 
 
+def _profile_overrides(args) -> dict:
+    """``--set`` values with ``--data-dir`` and ``--archs`` folded in (one place each)."""
+    overrides = _overrides(args.set)
+    if args.data_dir is not None:
+        if "data_dir" in overrides and Path(str(overrides["data_dir"])) != args.data_dir:
+            raise InputError(
+                f"--data-dir {args.data_dir} and --set data_dir={overrides['data_dir']} "
+                "disagree; give the data directory once")
+        overrides["data_dir"] = args.data_dir
+    if getattr(args, "archs", None):
+        overrides["archs"] = args.archs
+    return overrides
+
+
 def _profile(args):
     from pcamlib.profiles import get_profile
 
-    overrides = _overrides(args.set)
-    if getattr(args, "archs", None):
-        overrides["archs"] = args.archs
-    return get_profile(args.profile, data_dir=args.data_dir, **overrides)
+    return get_profile(args.profile, **_profile_overrides(args))
 
 
 def _cmd_train(args) -> int:
     from pcamlib.train import train
 
     profile = _profile(args)
-    for arch in args.arch or profile.archs:
+    for arch in profile.archs:
         result = train(profile, arch, runs_root=args.runs_dir, progress=not args.quiet,
                        restart=args.restart)
         print(result.history.to_string(index=False))
@@ -119,9 +136,12 @@ def _cmd_evaluate(args) -> int:
 def _cmd_reproduce(args) -> int:
     from pcamlib.reproduce import reproduce
 
-    reproduce(args.profile, data_dir=args.data_dir, archs=args.archs,
-              overrides=_overrides(args.set), runs_root=args.runs_dir, kernel=args.kernel,
-              fresh=args.fresh, progress=not args.quiet)
+    overrides = _profile_overrides(args)
+    data_dir = overrides.pop("data_dir", None)
+    archs = overrides.pop("archs", None)
+    reproduce(args.profile, data_dir=data_dir, archs=archs, overrides=overrides,
+              runs_root=args.runs_dir, kernel=args.kernel, fresh=args.fresh,
+              progress=not args.quiet)
     return 0
 
 
@@ -138,19 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     from pcamlib.pcam import SPLITS
     from pcamlib.profiles import ARCHITECTURES, PROFILES
 
-    parser = argparse.ArgumentParser(prog="pcamlib", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="pcamlib", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        # No abbreviations: with them --arch silently meant --archs.
+        return sub.add_parser(name, help=text, allow_abbrev=False)
 
     def quiet(p):
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("download", help="download the official PCam files (Zenodo 2546921)")
+    p = command("download", "download the official PCam files (Zenodo 2546921)")
     p.add_argument("--dest", type=Path, default=config.PCAM_DATA_DIR)
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
     quiet(p)
     p.set_defaults(func=_cmd_download)
 
-    p = sub.add_parser("import", help="build PCam-format HDF5 from image folders or Kaggle")
+    p = command("import", "build PCam-format HDF5 from image folders or Kaggle")
     p.add_argument("layout", choices=["folders", "kaggle"],
                    help="folders: SRC/{split}/{0,1}/*.jpg|png|tif; kaggle: SRC/train/<id>.tif "
                         "+ SRC/train_labels.csv")
@@ -165,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     quiet(p)
     p.set_defaults(func=_cmd_import)
 
-    p = sub.add_parser("sample", help="write the embedded generated PCam-format dataset")
+    p = command("sample", "write the embedded generated PCam-format dataset")
     p.add_argument("--dest", type=Path, default=config.SAMPLE_DATA_DIR)
     p.add_argument("--seed", type=int, default=0)
     for split in SPLITS:
@@ -176,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     quiet(p)
     p.set_defaults(func=_cmd_sample)
 
-    p = sub.add_parser("validate", help="check a PCam-format directory")
+    p = command("validate", "check a PCam-format directory")
     p.add_argument("data_dir", type=Path)
     p.add_argument("--splits", nargs="+", choices=SPLITS)
     p.add_argument("--full-size", action="store_true", help="require the official lengths")
@@ -185,26 +210,25 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("train", _cmd_train, "train architectures (resumable)"),
                              ("evaluate", _cmd_evaluate, "evaluate and compare finished runs"),
                              ("reproduce", _cmd_reproduce, "run the notebooks into reports/")):
-        p = sub.add_parser(name, help=text)
+        p = command(name, text)
         p.add_argument("--profile", choices=list(PROFILES), default="sample")
         p.add_argument("--data-dir", type=Path, help="PCam-format data (default: profile's)")
-        p.add_argument("--archs", nargs="+", choices=ARCHITECTURES)
+        p.add_argument("--archs", nargs="+", choices=ARCHITECTURES,
+                       help="architectures (default: the profile's)")
         p.add_argument("--runs-dir", type=Path, help="runs root (default: runs/)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a profile field, e.g. --set epochs=3 (repeatable)")
         quiet(p)
         p.set_defaults(func=func)
         if name == "train":
-            p.add_argument("--arch", nargs="+", choices=ARCHITECTURES,
-                           help="architectures to train (default: the profile's)")
             p.add_argument("--restart", action="store_true",
                            help="set an existing run aside and start over")
         if name == "reproduce":
             p.add_argument("--kernel", default="python3", help="Jupyter kernel")
             p.add_argument("--fresh", action="store_true",
                            help="train again instead of reusing finished runs")
-    p = sub.add_parser("refresh-notebooks",
-                       help="re-execute notebooks/ in place with their defaults (sample)")
+    p = command("refresh-notebooks",
+                "re-execute notebooks/ in place with their defaults (sample)")
     quiet(p)
     p.set_defaults(func=_cmd_refresh_notebooks)
     return parser
@@ -219,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+    except PcamlibError as err:
+        # Expected failures carry a message that says what to fix; anything else is a
+        # bug, and its traceback is what a bug report needs.
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
+import pcamlib.cli as cli
 from pcamlib import config
 from pcamlib.cli import _overrides, main
 from pcamlib.pcam import file_name, validate_split
@@ -79,3 +83,44 @@ def test_import_kaggle_mini(tmp_path, capsys):
                  "--quiet"]) == 0
     total = sum(validate_split(dest, s).length for s in ("train", "valid", "test"))
     assert total == 15
+
+
+def test_train_has_no_arch_option_only_archs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--arch", "resnet18"])
+    assert exit_.value.code == 2
+    assert "--arch" in capsys.readouterr().err
+
+
+def test_set_data_dir_is_the_data_directory(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(["train", "--profile", "sample", "--set", f"data_dir={missing}",
+                 "--archs", "resnet18", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(missing) in err
+
+
+def test_data_dir_given_twice_must_agree(tmp_path, capsys):
+    code = main(["evaluate", "--profile", "sample", "--data-dir", str(tmp_path / "a"),
+                 "--set", f"data_dir={tmp_path / 'b'}", "--quiet"])
+    assert code == 1
+    assert "disagree" in capsys.readouterr().err
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path):
+    def broken(args):
+        raise RuntimeError("a bug, not bad input")
+
+    monkeypatch.setattr(cli, "_cmd_validate", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["validate", str(tmp_path)])
+    monkeypatch.setattr(cli, "_cmd_validate", lambda args: [][1])
+    with pytest.raises(IndexError):
+        main(["validate", str(tmp_path)])
+
+
+def test_python_dash_m_pcamlib():
+    result = subprocess.run([sys.executable, "-m", "pcamlib", "--help"], capture_output=True,
+                            text=True, cwd=config.REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "reproduce" in result.stdout and "evaluate" in result.stdout
