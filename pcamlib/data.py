@@ -16,15 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastai.data.core import DataLoaders
+from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.load import DataLoader
+from fastai.data.transforms import Category, CategoryMap
 from fastai.torch_core import TensorCategory, TensorImage, to_device
 from fasttransform import Pipeline, Transform
 from torch.utils.data import get_worker_info
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from pcamlib.errors import InputError
-from pcamlib.pcam import CENTRE_BOX, IMAGE_SHAPE, PCamSplit
+from pcamlib.pcam import CENTRE_BOX, CLASS_NAMES, IMAGE_SHAPE, PCamSplit
 
 IMAGENET_STATS: tuple[tuple[float, ...], tuple[float, ...]] = (
     (0.485, 0.456, 0.406),
@@ -50,7 +51,83 @@ def default_num_workers(device: torch.device) -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 2))
 
 
-class PCamDataLoader(DataLoader):
+class PCamRows:
+    """Chosen rows of a :class:`PCamSplit`, readable like the split itself.
+
+    These are a :class:`PCamDataLoader`'s ``items``. fastai's interpretation code selects
+    rows with ``dl.items.iloc[idxs]`` and builds a loader over the selection with
+    ``dls.test_dl(selection)``, which for a dataset that is not a fastai ``Datasets`` is
+    ``dls.valid.new(selection)``: so a selection must itself be a dataset the loader can
+    read in whole batches.
+
+    Args:
+        data: The split (or a selection of one).
+        rows: Row numbers of ``data`` to keep, in order (None = all).
+    """
+
+    def __init__(self, data: PCamSplit | PCamRows, rows=None):
+        base = np.arange(len(data)) if rows is None else np.asarray(rows, dtype=np.int64)
+        base = base.reshape(-1)
+        if base.size and (base.min() < -len(data) or base.max() >= len(data)):
+            raise IndexError(f"rows out of range 0..{len(data) - 1} for {data!r}")
+        base = base % max(len(data), 1)
+        if isinstance(data, PCamRows):
+            data, base = data.data, data.rows[base]
+        self.data, self.rows = data, base
+        self.labels = data.labels[base]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return f"PCamRows({self.data!r}, {len(self)} rows)"
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.data[int(self.rows[index])]
+
+    @property
+    def iloc(self) -> _RowSelector:
+        """``iloc[idxs]``: the selection of positions ``idxs`` (pandas-style, as fastai uses)."""
+        return _RowSelector(self)
+
+    def read_images(self, indices, out: np.ndarray | None = None) -> np.ndarray:
+        """Images of positions ``indices`` (see :meth:`PCamSplit.read_images`)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return self.data.read_images(self.rows[idx], out=out)
+
+    def read_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels of positions ``indices`` (see :meth:`PCamSplit.read_batch`)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return self.data.read_batch(self.rows[idx])
+
+
+class _RowSelector:
+    def __init__(self, rows: PCamRows):
+        self.rows = rows
+
+    def __getitem__(self, idxs) -> PCamRows:
+        if isinstance(idxs, torch.Tensor):
+            idxs = idxs.cpu().numpy()
+        return PCamRows(self.rows, np.atleast_1d(np.asarray(idxs, dtype=np.int64)))
+
+
+class ClassNames(Transform):
+    """Decodes a label to its class name, for fastai's show methods (an ``after_item``).
+
+    Encoding leaves everything as it is; only decoding a :class:`TensorCategory` does
+    anything. (fastai's own ``Categorize`` decodes every element of an item, the image
+    too, because in a fastai ``Datasets`` it only ever sees the label.)
+    """
+
+    def __init__(self, names=CLASS_NAMES):
+        super().__init__()
+        self.vocab = CategoryMap(list(names), sort=False)
+
+    def decodes(self, y: TensorCategory) -> Category:  # noqa: D102
+        return Category(self.vocab[int(y)])
+
+
+class PCamDataLoader(TfmdDL):
     """A fastai DataLoader that reads whole batches from a :class:`PCamSplit`.
 
     fastai's default path fetches and collates items one by one; here each batch of
@@ -62,17 +139,54 @@ class PCamDataLoader(DataLoader):
     splits it into batches in the original order. (Handing torch a fresh shared-memory
     tensor per batch instead costs a file descriptor passed over a socket and ~430 fresh
     pages per batch; on 2 cores that capped the loader at ~37,000 images/s.)
+
+    It is a fastai ``TfmdDL`` so that fastai's show and interpretation machinery works on
+    it: ``show_batch``, ``show_results``, ``ClassificationInterpretation`` (its
+    ``plot_top_losses`` and ``plot_confusion_matrix``). Batches are decoded through the
+    ``after_batch`` transforms' ``decodes`` (back to uint8 patches), labels through
+    :class:`ClassNames` (``normal``/``tumour``, also the loader's ``vocab``), and rows are
+    selected through ``items`` (a :class:`PCamRows`).
     """
 
     transfer_bytes: int = 4 * 2**20
     """Target size of one ring slot (whole batches of uint8 images)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, dataset=None, *args, num_workers: int = 0, **kwargs):
+        kwargs.setdefault("after_item", ClassNames())
+        # TfmdDL wraps each transform stage in a new Pipeline, which forgets the split
+        # the batch pipeline was built for (see batch_pipeline); keep it.
+        split_idx = getattr(kwargs.get("after_batch"), "split_idx", None)
+        super().__init__(dataset, *args, num_workers=num_workers, **kwargs)
+        self.after_batch.split_idx = split_idx
+        # Batches are always (TensorImage, TensorCategory). TfmdDL would find that out by
+        # running one item through the transforms (_one_pass), which reads through
+        # __getitem__ and draws random augmentation numbers that shift training.
+        self._n_inp, self._types = 1, {tuple: [TensorImage, TensorCategory]}
         # Each worker works on one slot at a time; more tasks in flight would only wait
         # for free slots.
         self.fake_l.prefetch_factor = 1 if self.fake_l.num_workers > 0 else 2
         self._ring: TransferRing | None = None
+
+    def _one_pass(self):  # noqa: D102 - fastai hook; types are fixed (see __init__)
+        self._n_inp, self._types = 1, {tuple: [TensorImage, TensorCategory]}
+
+    def before_iter(self):  # noqa: D102 - fastai hook
+        # TfmdDL sets every stage's split_idx from ``dataset.split_idx`` (fastai's
+        # Datasets carry one); a PCamSplit has none, and the batch pipeline already
+        # knows whether it is the training one.
+        DataLoader.before_iter(self)
+
+    @property
+    def vocab(self) -> CategoryMap:
+        """Class names by label (``normal``, ``tumour``), as fastai's interpretation reads them."""
+        names = next((f for f in self.after_item.fs if isinstance(f, ClassNames)), None)
+        return (names or ClassNames()).vocab
+
+    @property
+    def items(self) -> PCamRows:
+        """The rows this loader reads, selectable with ``items.iloc[idxs]``."""
+        data = self.dataset
+        return data if isinstance(data, PCamRows) else PCamRows(data)
 
     @property
     def batches_per_transfer(self) -> int:

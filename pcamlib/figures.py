@@ -36,7 +36,7 @@ from numpy.typing import ArrayLike
 from PIL import Image
 
 from pcamlib.errors import InputError
-from pcamlib.pcam import CENTRE_BOX, IMAGE_SHAPE, SPLITS
+from pcamlib.pcam import CENTRE_BOX, CLASS_NAMES, IMAGE_SHAPE, SPLITS
 
 __all__ = [
     "CLASS_COLORS",
@@ -53,10 +53,14 @@ __all__ = [
     "save_figure",
     "save_table",
     "split_balance_figure",
+    "OUTCOME_ORDER",
+    "gradcam_figure",
+    "operating_points_figure",
+    "per_slide_figure",
+    "reliability_figure",
+    "top_errors_figure",
 ]
 
-CLASS_NAMES: tuple[str, str] = ("normal", "tumour")
-"""Class names by label: 0 is normal tissue, 1 has tumour in the centre 32x32 region."""
 
 CLASS_COLORS: tuple[str, str] = ("#0173b2", "#d55e00")
 """Colours by label (seaborn ``colorblind`` blue and vermillion), used in every figure."""
@@ -826,4 +830,330 @@ def confusion_matrix_figure(matrices: Mapping[str, ArrayLike]) -> Figure:
         ax.tick_params(axis="x", rotation=0)
     for ax in axes[n:]:
         fig.delaxes(ax)
+    return fig
+
+
+# --------------------------------------------------------------------------- analysis
+
+OUTCOME_ORDER: tuple[str, ...] = (
+    "true positive", "false positive", "false negative", "true negative",
+)
+"""Display order of prediction outcomes (rows of the error and Grad-CAM figures)."""
+
+CAM_CMAP = "inferno"
+"""Colour map of Grad-CAM overlays (perceptually uniform, readable over H&E)."""
+
+
+def _require_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    """Raise a ValueError naming the missing columns of ``table``."""
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise InputError(
+            f"{what} lacks column(s) {missing}; expected {', '.join(columns)}; "
+            f"found {', '.join(map(str, table.columns))}"
+        )
+
+
+def _model_groups(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(model name, rows) in order of first appearance; one unnamed model without ``model``."""
+    if "model" not in table.columns:
+        return [("model", table)]
+    return [(str(m), table[table["model"] == m]) for m in table["model"].unique()]
+
+
+@_styled
+def reliability_figure(bins: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Reliability diagram of several models on one axes, and their probability histograms.
+
+    Drawn from :func:`pcamlib.analysis.reliability_bins` (or one model's
+    :func:`pcamlib.metrics.reliability_table`): each model's observed fraction of tumour
+    against its mean predicted probability per bin, with the bins' Wilson intervals, over
+    the diagonal of perfect calibration; below, how many patches fall in each bin (log
+    scale). The legend gives each model's ECE, recomputed from the table as
+    ``sum(count * |observed - mean_prob|) / sum(count)``.
+
+    Args:
+        bins: Columns ``bin_low``, ``bin_high``, ``count``, ``mean_prob``, ``observed``,
+            ``ci_low``, ``ci_high``; optional ``model``.
+        title: Title; default ``"Reliability diagram"``.
+
+    Returns:
+        The figure: reliability axes above, histogram axes below (shared x).
+
+    Raises:
+        ValueError: If a column is missing or the table is empty.
+    """
+    _require_columns(bins, ["bin_low", "bin_high", "count", "mean_prob", "observed",
+                            "ci_low", "ci_high"], "bins")
+    if bins.empty:
+        raise InputError("bins is empty")
+    groups = _model_groups(bins)
+    fig = _new_figure((6.0, 7.0))
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.3])
+    palette = sns.color_palette("colorblind")
+    top.plot([0, 1], [0, 1], ls="--", lw=1, color="0.55", label="perfect calibration")
+    for k, (name, rows) in enumerate(groups):
+        color = palette[k % len(palette)]
+        count = rows["count"].to_numpy(dtype=float)
+        filled = count > 0
+        ece = float(np.nansum(count * np.abs(rows["observed"] - rows["mean_prob"]))
+                    / count.sum()) if count.sum() else float("nan")
+        obs = rows["observed"].to_numpy(dtype=float)[filled]
+        yerr = np.vstack([obs - rows["ci_low"].to_numpy(dtype=float)[filled],
+                          rows["ci_high"].to_numpy(dtype=float)[filled] - obs])
+        top.errorbar(rows["mean_prob"].to_numpy(dtype=float)[filled], obs, yerr=yerr,
+                     fmt="-o", ms=4, lw=1.5, capsize=2, color=color,
+                     label=f"{name} (ECE {ece:.3f})")
+        low = rows["bin_low"].to_numpy(dtype=float)
+        width = (rows["bin_high"].to_numpy(dtype=float) - low) / len(groups)
+        bottom.bar(low + k * width, count, width=width, align="edge", color=color,
+                   alpha=0.8, label=name)
+    top.set_xlim(0, 1)
+    top.set_ylim(-0.02, 1.02)
+    top.set_ylabel("observed fraction of tumour")
+    top.set_title(title or "Reliability diagram")
+    top.legend(loc="upper left")
+    bottom.set_yscale("log")
+    bottom.set_ylim(bottom=0.8)  # bars grow from one patch, so a bin of 1 is visible
+    bottom.set_xlabel("predicted probability of tumour")
+    bottom.set_ylabel("patches")
+    return fig
+
+
+@_styled
+def operating_points_figure(table: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Sensitivity at fixed specificity and specificity at fixed sensitivity, per model.
+
+    Drawn from :func:`pcamlib.analysis.operating_point_table` (or one model's
+    :func:`pcamlib.metrics.operating_points`): one panel per fixed metric, one row per
+    target, a point with its bootstrap interval per model, labelled with the threshold.
+
+    Args:
+        table: Columns ``fixed``, ``target``, ``estimated``, ``threshold``, ``value``,
+            ``ci_low``, ``ci_high``; optional ``model``.
+        title: Figure title; default ``"Operating points"``.
+
+    Returns:
+        The figure, one axes per fixed metric present.
+
+    Raises:
+        ValueError: If a column is missing or the table is empty.
+    """
+    _require_columns(table, ["fixed", "target", "estimated", "threshold", "value",
+                             "ci_low", "ci_high"], "table")
+    if table.empty:
+        raise InputError("table is empty")
+    fixed_metrics = [f for f in ("specificity", "sensitivity") if f in set(table["fixed"])]
+    groups = _model_groups(table)
+    palette = sns.color_palette("colorblind")
+    fig = _new_figure((9.0, 1.6 + 0.55 * len(groups) * table["target"].nunique()))
+    axes = fig.subplots(1, len(fixed_metrics), squeeze=False)[0]
+    for ax, fixed in zip(axes, fixed_metrics, strict=True):
+        targets = sorted(set(table.loc[table["fixed"] == fixed, "target"]))
+        estimated = table.loc[table["fixed"] == fixed, "estimated"].iloc[0]
+        for k, (name, rows) in enumerate(groups):
+            rows = rows[rows["fixed"] == fixed]
+            for j, target in enumerate(targets):
+                row = rows[rows["target"] == target]
+                if row.empty:
+                    continue
+                r = row.iloc[0]
+                y = j + (k - (len(groups) - 1) / 2) * 0.8 / max(len(groups), 1)
+                ax.errorbar([r["value"]], [y],
+                            xerr=[[r["value"] - r["ci_low"]], [r["ci_high"] - r["value"]]],
+                            fmt="o", ms=6, capsize=3, color=palette[k % len(palette)],
+                            label=name if j == 0 else None)
+                ax.annotate(f"t={r['threshold']:.3g}", (r["value"], y), xytext=(6, 4),
+                            textcoords="offset points", fontsize=8)
+        ax.set_yticks(range(len(targets)), [f"{fixed} \u2265 {t:.0%}" for t in targets])
+        ax.set_ylim(len(targets) - 0.5, -0.5)
+        low = float(np.nanmin(table.loc[table["fixed"] == fixed, ["ci_low", "value"]]))
+        ax.set_xlim(max(0.0, low - 0.05), 1.02)  # rates end at 1; room for the labels
+        ax.set_xlabel(estimated)
+        ax.set_title(f"{estimated} at fixed {fixed}")
+        ax.grid(axis="y", visible=False)
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.suptitle(title or "Operating points (95% bootstrap intervals; t = threshold)")
+    return fig
+
+
+def _outcome_rows(table: pd.DataFrame, column: str) -> list[tuple[str, pd.DataFrame]]:
+    """Rows of ``table`` grouped by ``column``, known outcomes first in display order."""
+    present = list(dict.fromkeys(table[column].astype(str)))
+    order = [o for o in OUTCOME_ORDER if o in present] + [o for o in present
+                                                          if o not in OUTCOME_ORDER]
+    return [(o, table[table[column].astype(str) == o]) for o in order]
+
+
+@_styled
+def top_errors_figure(images: ArrayLike, table: pd.DataFrame, *,
+                      title: str | None = None) -> Figure:
+    """The most confident errors: one row of patches per kind, the centre box marked.
+
+    Drawn from :func:`pcamlib.analysis.top_errors` and the patches of its rows. Each
+    patch is titled with its predicted probability of tumour, its loss and its row.
+
+    Args:
+        images: ``N x H x W x 3`` patches, one per table row, in table order.
+        table: Columns ``kind`` (e.g. ``"false positive"``), ``row``, ``prob``, ``loss``.
+        title: Figure title; default ``"Most confident errors (highest loss)"``.
+
+    Returns:
+        The figure, one axes per patch.
+
+    Raises:
+        ValueError: If a column is missing, the table is empty or ``images`` does not
+            hold one patch per table row.
+    """
+    _require_columns(table, ["kind", "row", "prob", "loss"], "table")
+    patches = _as_patches(images)
+    if table.empty:
+        raise InputError("table is empty: there are no errors to show")
+    if len(patches) != len(table):
+        raise InputError(f"images must hold one patch per table row: expected {len(table)}, "
+                         f"found {len(patches)}")
+    table = table.reset_index(drop=True)
+    groups = _outcome_rows(table, "kind")
+    ncols = max(len(rows) for _, rows in groups)
+    cell = min(_NATIVE_CELL, 9.0 / ncols)
+    fig = _new_figure((max(cell * ncols + 1.2, 5.0), (cell + 0.55) * len(groups) + 0.7))
+    grid = fig.subplots(len(groups), ncols, squeeze=False)
+    for r, (kind, rows) in enumerate(groups):
+        for c in range(ncols):
+            ax = grid[r, c]
+            if c >= len(rows):
+                fig.delaxes(ax)
+                continue
+            i = rows.index[c]
+            _show_patch(ax, patches[i], True)
+            rec = table.loc[i]
+            ax.set_title(f"p {rec['prob']:.3f}, loss {rec['loss']:.2f}\nrow {int(rec['row'])}",
+                         fontsize=8)
+            if c == 0:
+                ax.set_ylabel(kind, fontsize=10, fontweight="bold")
+    fig.suptitle(title or "Most confident errors\n(highest loss; p = probability of tumour)")
+    return fig
+
+
+@_styled
+def gradcam_figure(images: ArrayLike, maps: ArrayLike, table: pd.DataFrame, *,
+                   title: str | None = None, alpha: float = 0.5) -> Figure:
+    """Grad-CAM maps beside their patches, one row per outcome, the centre box marked.
+
+    Drawn from :func:`pcamlib.analysis.gradcam_examples`: for each example the patch,
+    then the patch with its class activation map overlaid (colour map :data:`CAM_CMAP`,
+    0 to 1).
+
+    Args:
+        images: ``N x H x W x 3`` patches, one per table row, in table order.
+        maps: ``N x H x W`` activation maps in [0, 1], aligned with ``images``.
+        table: Columns ``outcome``, ``row``, ``prob``; optional ``centre_mass`` (share
+            of the map inside the centre box, shown in the title), ``model``, ``target``
+            and ``layer`` (shown in the figure title).
+        title: Figure title; default built from ``model``, ``target`` and ``layer``.
+        alpha: Opacity of the overlay.
+
+    Returns:
+        The figure, two axes per example.
+
+    Raises:
+        ValueError: If a column is missing, the table is empty or the arrays do not
+            match the table and each other.
+    """
+    _require_columns(table, ["outcome", "row", "prob"], "table")
+    patches = _as_patches(images)
+    cams = np.asarray(maps, dtype=float)
+    if table.empty:
+        raise InputError("table is empty")
+    if len(patches) != len(table) or cams.shape != patches.shape[:3]:
+        raise InputError(
+            f"images and maps must hold one {patches.shape[1:3]} patch and map per table row: "
+            f"expected {len(table)} of each, found images {patches.shape} and maps {cams.shape}"
+        )
+    table = table.reset_index(drop=True)
+    groups = _outcome_rows(table, "outcome")
+    per_row = max(len(rows) for _, rows in groups)
+    ncols = 2 * per_row
+    cell = min(_NATIVE_CELL, 10.0 / ncols)
+    fig = _new_figure((cell * ncols + 1.2, (cell + 0.55) * len(groups) + 0.5))
+    grid = fig.subplots(len(groups), ncols, squeeze=False)
+    for r, (outcome, rows) in enumerate(groups):
+        for c in range(per_row):
+            ax_patch, ax_cam = grid[r, 2 * c], grid[r, 2 * c + 1]
+            if c >= len(rows):
+                fig.delaxes(ax_patch)
+                fig.delaxes(ax_cam)
+                continue
+            i = rows.index[c]
+            rec = table.loc[i]
+            _show_patch(ax_patch, patches[i], True)
+            ax_patch.set_title(f"row {int(rec['row'])}\np {rec['prob']:.3f}", fontsize=8)
+            # The box (a patch artist, zorder 1) stays above the overlay (an image, 0).
+            _show_patch(ax_cam, patches[i], True)
+            ax_cam.imshow(cams[i], cmap=CAM_CMAP, vmin=0.0, vmax=1.0, alpha=alpha,
+                          interpolation="bilinear")
+            if "centre_mass" in table.columns:
+                ax_cam.set_title(f"Grad-CAM\n{rec['centre_mass']:.0%} in centre", fontsize=8)
+            if c == 0:
+                ax_patch.set_ylabel(outcome, fontsize=10, fontweight="bold")
+    if title is None:
+        parts = [str(table[col].iloc[0]) for col in ("model",) if col in table.columns]
+        if "target" in table.columns:
+            parts.append(f"evidence for {table['target'].iloc[0]}")
+        if "layer" in table.columns:
+            parts.append(f"layer {table['layer'].iloc[0]}")
+        title = "Grad-CAM" + (f": {', '.join(parts)}" if parts else "")
+    fig.suptitle(title)
+    return fig
+
+
+@_styled
+def per_slide_figure(table: pd.DataFrame, *, max_slides: int = 30,
+                     title: str | None = None) -> Figure:
+    """Accuracy per slide (whole-slide image), one colour per model.
+
+    Drawn from :func:`pcamlib.analysis.per_slide_table`. Slides are sorted by their
+    mean accuracy over the models, the worst at the top; with more than ``max_slides``
+    slides only the worst ``max_slides`` are drawn (the title says so). Each slide's
+    label gives its patch count and positives.
+
+    Args:
+        table: Columns ``wsi``, ``n``, ``positives``, ``accuracy``; optional ``model``.
+        max_slides: Most slides drawn.
+        title: Title; default ``"Accuracy per slide"``.
+
+    Returns:
+        The figure, one axes.
+
+    Raises:
+        ValueError: If a column is missing, the table is empty or ``max_slides < 1``.
+    """
+    _require_columns(table, ["wsi", "n", "positives", "accuracy"], "table")
+    if table.empty:
+        raise InputError("table is empty")
+    if max_slides < 1:
+        raise InputError(f"max_slides must be >= 1; got {max_slides}")
+    mean_acc = table.groupby("wsi", sort=False)["accuracy"].mean().sort_values(kind="stable")
+    shown = list(mean_acc.index[:max_slides])
+    sizes = table.drop_duplicates("wsi").set_index("wsi")
+    groups = _model_groups(table)
+    palette = sns.color_palette("colorblind")
+    fig = _new_figure((7.0, 1.4 + 0.28 * len(shown)))
+    ax = fig.subplots()
+    position = {wsi: j for j, wsi in enumerate(shown)}
+    for k, (name, rows) in enumerate(groups):
+        rows = rows[rows["wsi"].isin(position)]
+        ax.plot(rows["accuracy"], rows["wsi"].map(position), "o", ms=6,
+                color=palette[k % len(palette)], label=name, alpha=0.9)
+    ax.set_yticks(range(len(shown)), [
+        f"{wsi} (n={int(sizes.loc[wsi, 'n'])}, {int(sizes.loc[wsi, 'positives'])} tumour)"
+        for wsi in shown])
+    ax.set_ylim(len(shown) - 0.5, -0.5)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xlabel("accuracy (threshold 0.5)")
+    heading = title or "Accuracy per slide"
+    if len(mean_acc) > len(shown):
+        heading += f" (worst {len(shown)} of {len(mean_acc)} slides)"
+    ax.set_title(heading)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig

@@ -733,3 +733,318 @@ def verdict(
         f"(McNemar {mc['method']} {_fmt_p(mc['p_value'])})."
     )
     return f"{head} {sig} {acc}"
+
+
+# --------------------------------------------------------------------------- calibration
+
+RELIABILITY_COLUMNS: tuple[str, ...] = (
+    "bin", "bin_low", "bin_high", "count", "positives", "mean_prob", "observed", "ci_low",
+    "ci_high", "gap",
+)
+"""Columns of :func:`reliability_table`."""
+
+
+def _check_n_bins(n_bins: int) -> int:
+    if isinstance(n_bins, bool) or int(n_bins) != n_bins or n_bins < 1:
+        raise InputError(f"n_bins must be a positive integer; got {n_bins!r}")
+    return int(n_bins)
+
+
+def calibration_bins(prob: Any, n_bins: int = 10) -> np.ndarray:
+    """Equal-width bin of each probability: bin k (0-based) is ``(k/M, (k+1)/M]``.
+
+    Bins are closed on the right, as in Guo et al. (2017), and the first also holds 0, so
+    ``prob = 0.3`` with ten bins falls in ``(0.2, 0.3]``. Edges are ``k / M`` rounded once
+    (not accumulated steps), so a probability equal to an edge is binned exactly.
+
+    Args:
+        prob: Probabilities in [0, 1], shape (n,).
+        n_bins: Number of bins M.
+
+    Returns:
+        int64 bin indices in ``0..M-1``, shape (n,).
+    """
+    n_bins = _check_n_bins(n_bins)
+    p = _as_probs(prob, np.asarray(prob).size)
+    edges = np.arange(n_bins + 1) / n_bins
+    return np.clip(np.searchsorted(edges, p, side="left") - 1, 0, n_bins - 1)
+
+
+def reliability_table(y: Any, prob: Any, *, n_bins: int = 10, alpha: float = 0.05) -> pd.DataFrame:
+    """Reliability (calibration) table over equal-width probability bins.
+
+    Args:
+        y: True labels, 0 or 1, shape (n,).
+        prob: Predicted probability of class 1, shape (n,).
+        n_bins: Number of equal-width bins (see :func:`calibration_bins`).
+        alpha: Two-sided level of the Wilson interval of each bin's observed fraction.
+
+    Returns:
+        One row per bin, empty bins included, with columns :data:`RELIABILITY_COLUMNS`:
+        ``bin`` (0-based), ``bin_low``/``bin_high`` (edges), ``count``, ``positives``,
+        ``mean_prob`` (mean predicted probability), ``observed`` (fraction of label 1),
+        ``ci_low``/``ci_high`` (Wilson score interval of ``observed``, from
+        :meth:`scipy.stats.binomtest`'s ``proportion_ci``) and ``gap``
+        (``observed - mean_prob``: positive where the model is under-confident about
+        tumour). Statistics of an empty bin are NaN.
+
+    Raises:
+        ValueError: On invalid inputs (as :func:`binary_metrics`, except that one class
+            is allowed), ``n_bins < 1`` or ``alpha`` outside (0, 1).
+    """
+    if not 0.0 < alpha < 1.0:
+        raise InputError(f"alpha must be in (0, 1); got {alpha!r}")
+    y_arr = _as_labels(y)
+    p = _as_probs(prob, y_arr.size)
+    n_bins = _check_n_bins(n_bins)
+    bins = calibration_bins(p, n_bins)
+    count = np.bincount(bins, minlength=n_bins)
+    positives = np.bincount(bins, weights=y_arr, minlength=n_bins).round().astype(np.int64)
+    prob_sum = np.bincount(bins, weights=p, minlength=n_bins)
+    rows = []
+    for k in range(n_bins):
+        n_k, pos_k = int(count[k]), int(positives[k])
+        mean_prob = observed = lo = hi = float("nan")
+        if n_k:
+            mean_prob, observed = prob_sum[k] / n_k, pos_k / n_k
+            ci = stats.binomtest(pos_k, n_k).proportion_ci(1.0 - alpha, method="wilson")
+            lo, hi = float(ci.low), float(ci.high)
+        rows.append({
+            "bin": k, "bin_low": k / n_bins, "bin_high": (k + 1) / n_bins, "count": n_k,
+            "positives": pos_k, "mean_prob": float(mean_prob), "observed": float(observed),
+            "ci_low": lo, "ci_high": hi, "gap": float(observed - mean_prob),
+        })
+    return pd.DataFrame(rows, columns=list(RELIABILITY_COLUMNS))
+
+
+def _ece_terms(y: np.ndarray, p: np.ndarray, bins: np.ndarray, n_bins: int) -> np.ndarray:
+    """(n, M) matrix whose column k holds ``y - p`` for rows of bin k, else 0.
+
+    ``ECE = sum_k n_k / n * |observed_k - mean_prob_k| = sum_k |sum_{i in k} (y_i - p_i)| / n``,
+    so a (weighted) row sum per bin is all the ECE of a resample needs.
+    """
+    terms = np.zeros((y.size, n_bins))
+    terms[np.arange(y.size), bins] = y - p
+    return terms
+
+
+def expected_calibration_error(y: Any, prob: Any, *, n_bins: int = 10) -> float:
+    """Expected calibration error over equal-width bins (Guo et al. 2017; Naeini et al. 2015).
+
+    ``ECE = sum_k (n_k / n) * |observed_k - mean_prob_k|`` over the bins of
+    :func:`calibration_bins` (``(k/M, (k+1)/M]``, first bin closed at 0), where
+    ``observed_k`` is the fraction of label 1 and ``mean_prob_k`` the mean predicted
+    probability of class 1 in bin k; empty bins contribute nothing.
+
+    Args:
+        y: True labels, 0 or 1, shape (n,).
+        prob: Predicted probability of class 1, shape (n,).
+        n_bins: Number of bins M.
+
+    Returns:
+        The ECE, in [0, 1].
+
+    Raises:
+        ValueError: On invalid inputs (one class is allowed) or ``n_bins < 1``.
+    """
+    y_arr = _as_labels(y)
+    p = _as_probs(prob, y_arr.size)
+    n_bins = _check_n_bins(n_bins)
+    sums = _ece_terms(y_arr, p, calibration_bins(p, n_bins), n_bins).sum(axis=0)
+    return float(np.abs(sums).sum() / y_arr.size)
+
+
+def calibration_metrics(
+    y: Any, prob: Any, *, n_bins: int = 10, n_boot: int = 1000, alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, float]:
+    """ECE and NLL with percentile bootstrap intervals, plus the Brier score.
+
+    The ECE and NLL replicates come from the same resamples (the draws of
+    :func:`bootstrap_ci` with the same ``seed``), so their intervals are paired.
+
+    Args:
+        y: True labels, 0 or 1, shape (n,).
+        prob: Predicted probability of class 1, shape (n,).
+        n_bins: Bins of the ECE (see :func:`expected_calibration_error`).
+        n_boot: Number of resamples.
+        alpha: Two-sided level; intervals cover ``1 - alpha``.
+        seed: Seed of the numpy generator that draws the resamples.
+
+    Returns:
+        ``n``, ``n_bins``, ``ece``, ``ece_ci_low``, ``ece_ci_high``, ``nll`` (as
+        :func:`binary_metrics`: natural log, clipped at :data:`NLL_EPS`), ``nll_ci_low``,
+        ``nll_ci_high`` and ``brier`` (mean squared error of the probability).
+
+    Raises:
+        ValueError: On invalid inputs (as :func:`binary_metrics`: both classes are
+            needed), ``n_bins < 1``, ``n_boot < 1`` or ``alpha`` outside (0, 1).
+    """
+    _check_boot_args(n_boot, alpha)
+    nll = bootstrap_ci(y, prob, metrics=["nll"], n_boot=n_boot, alpha=alpha, seed=seed).iloc[0]
+    y_arr = _as_labels(y)
+    p = _as_probs(prob, y_arr.size)
+    n_bins = _check_n_bins(n_bins)
+    terms = _ece_terms(y_arr, p, calibration_bins(p, n_bins), n_bins)
+    rng = np.random.default_rng(seed)
+    reps = [np.abs(counts @ terms).sum(axis=1) / y_arr.size
+            for counts in _bootstrap_counts(rng, y_arr.size, int(n_boot))]
+    lo, hi = _percentile_ci(np.concatenate(reps), alpha)
+    return {
+        "n": int(y_arr.size),
+        "n_bins": n_bins,
+        "ece": float(np.abs(terms.sum(axis=0)).sum() / y_arr.size),
+        "ece_ci_low": lo,
+        "ece_ci_high": hi,
+        "nll": float(nll["value"]),
+        "nll_ci_low": float(nll["ci_low"]),
+        "nll_ci_high": float(nll["ci_high"]),
+        "brier": float(np.mean((p - y_arr) ** 2)),
+    }
+
+
+# --------------------------------------------------------------------------- operating points
+
+OPERATING_TARGETS: tuple[tuple[str, float], ...] = (
+    ("specificity", 0.90),
+    ("specificity", 0.95),
+    ("sensitivity", 0.90),
+    ("sensitivity", 0.95),
+)
+"""Default operating points of :func:`operating_points`: (fixed metric, target)."""
+
+OPERATING_COLUMNS: tuple[str, ...] = (
+    "fixed", "target", "estimated", "threshold", "sensitivity", "specificity", "value",
+    "ci_low", "ci_high", "n_boot", "n_skipped",
+)
+"""Columns of :func:`operating_points`."""
+
+
+class _WeightedROC:
+    """Every ROC point of one score vector under many row weightings (bootstrap counts).
+
+    Point 0 is the threshold ``inf`` (nothing predicted positive); point g >= 1 is the
+    g-th distinct score from the top, predicting class 1 where ``prob >= threshold``.
+    """
+
+    def __init__(self, y: np.ndarray, prob: np.ndarray) -> None:
+        order = np.argsort(-prob, kind="mergesort")
+        sorted_prob = prob[order]
+        self.order = order
+        self.pos = y[order].astype(np.float64)
+        self.neg = 1.0 - self.pos
+        self.starts = np.flatnonzero(np.r_[True, sorted_prob[1:] != sorted_prob[:-1]])
+        self.thresholds = np.r_[np.inf, sorted_prob[self.starts]]
+
+    def __call__(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sensitivity and specificity at every point, shape (resamples, points)."""
+        w = counts[:, self.order]
+        tp = np.cumsum(np.add.reduceat(w * self.pos, self.starts, axis=1), axis=1)
+        fp = np.cumsum(np.add.reduceat(w * self.neg, self.starts, axis=1), axis=1)
+        zero = np.zeros((w.shape[0], 1))
+        tp, fp = np.hstack([zero, tp]), np.hstack([zero, fp])
+        n_pos, n_neg = tp[:, -1:], fp[:, -1:]
+        return _ratio(tp, n_pos), _ratio(n_neg - fp, n_neg)
+
+
+def _pick_point(sens: np.ndarray, spec: np.ndarray, fixed: str, target: float) -> np.ndarray:
+    """Index of the chosen ROC point in each row (see :func:`operating_points`).
+
+    Along the points sensitivity never falls and specificity never rises, so the points
+    with specificity >= target are a prefix and those with sensitivity >= target a suffix.
+    """
+    if fixed == "specificity":
+        last = (spec >= target).sum(axis=1) - 1  # point 0 always qualifies (spec 1)
+        best = np.take_along_axis(sens, last[:, None], axis=1)
+        return np.argmax(sens == best, axis=1)  # the first such point has the highest spec
+    first = sens.shape[1] - (sens >= target).sum(axis=1)  # the last point has sens 1
+    best = np.take_along_axis(spec, first[:, None], axis=1)
+    return sens.shape[1] - 1 - np.argmax((spec == best)[:, ::-1], axis=1)
+
+
+def operating_points(
+    y: Any,
+    prob: Any,
+    *,
+    targets: Sequence[tuple[str, float]] = OPERATING_TARGETS,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Sensitivity at fixed specificity and specificity at fixed sensitivity, with intervals.
+
+    Class 1 is predicted where ``prob >= threshold``; the candidate thresholds are the
+    distinct predicted probabilities plus ``inf`` (nothing positive), i.e. every point of
+    the empirical ROC curve (``sklearn.metrics.roc_curve`` with
+    ``drop_intermediate=False``). For ``("specificity", 0.95)`` the chosen point is the
+    one with the highest sensitivity among those whose specificity (``tn / negatives``)
+    is >= 0.95, ties going to the higher specificity; for ``("sensitivity", 0.95)`` the
+    highest specificity among points with sensitivity >= 0.95, ties going to the higher
+    sensitivity. The threshold reported is that point's.
+
+    Intervals are percentile bootstrap intervals of the estimated metric, the whole
+    choice (threshold included) being redone on each resample, as pROC's ``ci.coords``
+    does. Resamples come from the same draws as :func:`bootstrap_ci` with the same
+    ``seed``; those without both classes are skipped and counted.
+
+    Args:
+        y: True labels, 0 or 1, shape (n,).
+        prob: Predicted probability of class 1, shape (n,).
+        targets: ``(fixed metric, target)`` pairs; the metric is ``"specificity"`` or
+            ``"sensitivity"``, the target in (0, 1].
+        n_boot: Number of resamples.
+        alpha: Two-sided level; intervals cover ``1 - alpha``.
+        seed: Seed of the numpy generator that draws the resamples.
+
+    Returns:
+        One row per target, columns :data:`OPERATING_COLUMNS`: ``fixed``, ``target``,
+        ``estimated`` (the other metric), ``threshold``, ``sensitivity`` and
+        ``specificity`` at that threshold, ``value`` (the estimated metric),
+        ``ci_low``/``ci_high``, ``n_boot`` (resamples used) and ``n_skipped``.
+
+    Raises:
+        ValueError: On invalid inputs (as :func:`binary_metrics`), an unknown fixed
+            metric, a target outside (0, 1], ``n_boot < 1`` or ``alpha`` outside (0, 1).
+    """
+    _check_boot_args(n_boot, alpha)
+    y_arr = _as_labels(y)
+    p = _as_probs(prob, y_arr.size)
+    _require_both_classes(y_arr)
+    targets = [(str(f), float(t)) for f, t in targets]
+    for fixed, target in targets:
+        if fixed not in ("specificity", "sensitivity"):
+            raise InputError(
+                f"targets: fixed metric must be 'specificity' or 'sensitivity'; got {fixed!r}"
+            )
+        if not 0.0 < target <= 1.0:
+            raise InputError(f"targets: {fixed} target must be in (0, 1]; got {target}")
+    roc = _WeightedROC(y_arr, p)
+    sens, spec = roc(np.ones((1, y_arr.size)))
+    reps: dict[int, list[np.ndarray]] = {i: [] for i in range(len(targets))}
+    rng = np.random.default_rng(seed)
+    for counts in _bootstrap_counts(rng, y_arr.size, int(n_boot)):
+        b_sens, b_spec = roc(counts)
+        both = ~np.isnan(b_sens[:, 0]) & ~np.isnan(b_spec[:, 0])
+        for i, (fixed, target) in enumerate(targets):
+            vals = np.full(counts.shape[0], np.nan)
+            if both.any():
+                s, c = b_sens[both], b_spec[both]
+                idx = _pick_point(s, c, fixed, target)
+                free = c if fixed == "sensitivity" else s
+                vals[both] = np.take_along_axis(free, idx[:, None], axis=1)[:, 0]
+            reps[i].append(vals)
+    rows = []
+    for i, (fixed, target) in enumerate(targets):
+        k = int(_pick_point(sens, spec, fixed, target)[0])
+        estimated = "sensitivity" if fixed == "specificity" else "specificity"
+        vals = np.concatenate(reps[i])
+        ok = vals[~np.isnan(vals)]
+        lo, hi = _percentile_ci(ok, alpha)
+        point = {"sensitivity": float(sens[0, k]), "specificity": float(spec[0, k])}
+        rows.append({
+            "fixed": fixed, "target": target, "estimated": estimated,
+            "threshold": float(roc.thresholds[k]), **point, "value": point[estimated],
+            "ci_low": lo, "ci_high": hi, "n_boot": int(ok.size),
+            "n_skipped": int(vals.size - ok.size),
+        })
+    return pd.DataFrame(rows, columns=list(OPERATING_COLUMNS))

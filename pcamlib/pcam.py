@@ -48,6 +48,10 @@ ZENODO_URL = "https://zenodo.org/records/2546921/files/{filename}?download=1"
 """Download address template; ``filename`` is the name as stored on Zenodo."""
 
 
+CLASS_NAMES: tuple[str, str] = ("normal", "tumour")
+"""Class names by label: 0 = no tumour in the centre 32x32, 1 = tumour there."""
+
+
 @dataclass(frozen=True)
 class PCamFile:
     """One file of the official release.
