@@ -868,12 +868,15 @@ def _batches(sources: Sequence[ImageInput | HDF5Input], batch_size: int, skip_ba
                 # The importer's decoder: predict accepts exactly the images import accepts.
                 buffer[len(paths)] = _decode(source.path)
             except _BadImage as err:
+                reason = str(err)
+                if "expected" not in reason:
+                    reason += "; expected a 96x96 RGB image (JPEG, PNG or TIFF)"
                 if not skip_bad:
                     raise PredictInputError(
-                        f"{source.text}: {err} (--skip-bad / skip_bad=True leaves bad images "
-                        "out and lists them)"
+                        f"{source.text}: {reason} (--skip-bad / skip_bad=True leaves bad "
+                        "images out and lists them)"
                     ) from None
-                skipped.append(SkippedFile(source.path, str(err)))
+                skipped.append(SkippedFile(source.path, reason))
                 continue
             paths.append(source.text)
             rows.append(None)
@@ -1023,8 +1026,8 @@ def predict_to_csv(
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
     out = Path(out)
-    sources = collect_inputs(inputs)
     classifier = model if isinstance(model, PatchClassifier) else load_model(model, device=device)
+    sources = collect_inputs(inputs)
     total = sum(s.rows if isinstance(s, HDF5Input) else 1 for s in sources)
     skipped: list[SkippedFile] = []
     out.parent.mkdir(parents=True, exist_ok=True)
