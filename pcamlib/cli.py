@@ -162,7 +162,7 @@ def _cmd_slide(args) -> int:
                            stride=args.stride, tta=args.tta, min_tissue=args.min_tissue,
                            batch_size=args.batch_size, thumbnail_side=args.thumbnail_size,
                            overwrite=args.overwrite, progress=not args.quiet,
-                           device=args.device)
+                           device=args.device, backend=args.backend)
     print(result.summary())
     return 0
 
@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longer side of the thumbnail for the mask and heatmap (default 2048)")
     p.add_argument("--batch-size", type=int, default=128, help="tiles per forward pass")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: GPU if any)")
+    p.add_argument("--backend", choices=["auto", "tifffile", "openslide"], default="auto",
+                   help="slide reader (default auto: tifffile for TIFF files it decodes, "
+                        "else OpenSlide)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     quiet(p)
     p.set_defaults(func=_cmd_slide)

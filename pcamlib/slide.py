@@ -350,16 +350,30 @@ class OpenSlideSlide(SlideReader):
         self._slide.close()
 
 
-def open_slide(path: str | os.PathLike) -> SlideReader:
+BACKENDS: tuple[str, ...] = ("auto", "tifffile", "openslide")
+"""Accepted values of ``backend``."""
+
+
+def open_slide(path: str | os.PathLike, backend: str = "auto") -> SlideReader:
     """Open a slide: tifffile for TIFF files it can decode, OpenSlide otherwise.
+
+    Args:
+        path: The slide file.
+        backend: ``auto`` (as above), or force ``tifffile`` or ``openslide``.
 
     Raises:
         FileNotFoundError: the file does not exist.
         SlideFormatError: neither reader can use it; the message says what was found.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: slide file not found")
+    if backend == "tifffile":
+        return TiffSlide(path)
+    if backend == "openslide":
+        return OpenSlideSlide(path)
     if path.name.lower().endswith(TIFF_SUFFIXES):
         try:
             return TiffSlide(path)
@@ -586,6 +600,7 @@ def predict_slide(
     overwrite: bool = False,
     progress: bool = True,
     device: torch.device | str | None = None,
+    backend: str = "auto",
 ) -> SlideResult:
     """Predict every tissue tile of a slide and write tiles, grid and heatmap.
 
@@ -604,6 +619,7 @@ def predict_slide(
         overwrite: Replace an existing non-empty ``out_dir``.
         progress: Show a progress bar.
         device: Device when ``model`` is a folder (default: GPU when present).
+        backend: Slide reader (see :func:`open_slide`).
 
     Returns:
         Counts and timings.
@@ -627,7 +643,7 @@ def predict_slide(
     out_dir = Path(out_dir)
     check_output_folder(out_dir, overwrite, "the slide results")
     classifier = model if isinstance(model, PatchClassifier) else load_model(model, device=device)
-    with open_slide(slide) as reader:
+    with open_slide(slide, backend) as reader:
         grid = tile_grid(reader, level, stride)
         thumb, thumb_scale = reader.thumbnail(thumbnail_side)
         mask = tissue_mask(thumb)
