@@ -185,7 +185,8 @@ def test_predict_pcam_directory_and_h5_file(toy_run, toy_model, tmp_path):
         assert (part.path == os.path.join(str(data_dir), file_name(split, "x"))).all()
         assert part.row.tolist() == list(range(n))
         expected = predict_probs(toy_run["learn"], PCamSplit(data_dir, split))
-        np.testing.assert_allclose(part.prob_tumour, expected, rtol=0, atol=1e-6)
+        # Batches of 20 here, of 64 there: float32 kernels differ in the last digits.
+        np.testing.assert_allclose(part.prob_tumour, expected, rtol=0, atol=1e-5)
         assert (part.pred == (part.prob_tumour >= 0.5)).all()
     # One _x.h5 file as input, with TTA.
     x_file = data_dir / file_name("test", "x")
@@ -217,7 +218,7 @@ def test_predict_kaggle_folder_equals_its_import(toy_model, tmp_path, capsys):
         probs = toy_model["classifier"].predict(data.read_images(np.arange(len(data))))
         by_id.update(zip(data.meta()["kaggle_id"], probs, strict=True))
     ids = [Path(p).stem for p in table.path]
-    np.testing.assert_allclose(table.prob_tumour, [by_id[i] for i in ids], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(table.prob_tumour, [by_id[i] for i in ids], rtol=0, atol=1e-5)
 
 
 def _bad_folder(root: Path) -> dict[str, Path]:
