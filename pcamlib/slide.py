@@ -34,6 +34,7 @@ import os
 import shutil
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,7 @@ def _white(height: int, width: int) -> np.ndarray:
     return np.full((height, width, 3), 255, dtype=np.uint8)
 
 
-class SlideReader:
+class SlideReader(ABC):
     """Region reading from one slide, in the coordinates of a pyramid level.
 
     Attributes:
@@ -118,6 +119,7 @@ class SlideReader:
                 f"got {level!r}"
             )
 
+    @abstractmethod
     def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         """RGB uint8 pixels of a rectangle of ``level`` (white outside the image).
 
@@ -131,16 +133,16 @@ class SlideReader:
         Returns:
             height x width x 3 uint8 array.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def thumbnail(self, max_side: int) -> tuple[np.ndarray, tuple[float, float]]:
         """A downsampled RGB image of the whole slide.
 
         Returns:
             The thumbnail and the level-0 pixels per thumbnail pixel along x and y.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def close(self) -> None:
         """Release the file."""
 
@@ -648,8 +650,6 @@ def predict_slide(
         thumb, thumb_scale = reader.thumbnail(thumbnail_side)
         mask = tissue_mask(thumb)
         keep = tissue_fractions(grid, mask, thumb_scale) >= min_tissue
-        if min_tissue == 0:
-            keep[:] = True
         probs = np.full(grid.shape, np.nan, dtype=np.float32)
         n_keep = int(keep.sum())
         t_infer = time.perf_counter()
