@@ -236,6 +236,9 @@ def _bad_folder(root: Path) -> dict[str, Path]:
     files["grey"] = root / "sub" / "grey.jpg"
     files["grey"].parent.mkdir()
     Image.fromarray(np.zeros((96, 96), np.uint8)).save(files["grey"])
+    files["corrupt"] = root / "sub" / "corrupt.tif"  # a valid header, truncated pixel data
+    Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(files["corrupt"])
+    files["corrupt"].write_bytes(files["corrupt"].read_bytes()[:4000])
     return files
 
 
@@ -250,7 +253,8 @@ def test_predict_bad_images_error_or_skip(toy_model, tmp_path, capsys):
     assert "--skip-bad" in message
     assert not out.exists() and list(out.parent.iterdir()) == []  # nothing partial
     for name, words in (("size", ["image is 100x96", "expected 96x96"]),
-                        ("grey", ["image mode is 'L'", "expected 'RGB'"])):
+                        ("grey", ["image mode is 'L'", "expected 'RGB'"]),
+                        ("corrupt", ["cannot decode image", "expected a 96x96 RGB image"])):
         with pytest.raises(deploy.PredictInputError) as err:
             deploy.predict_to_csv(toy_model["classifier"], [files[name]], out, progress=False)
         assert str(files[name]) in str(err.value)
@@ -261,8 +265,8 @@ def test_predict_bad_images_error_or_skip(toy_model, tmp_path, capsys):
     printed = capsys.readouterr().out
     table = _read_csv(out)
     assert sorted(Path(p).name for p in table.path) == ["good0.png", "good1.png", "good2.png"]
-    assert "skipped 3 bad images" in printed
-    for name in ("text", "size", "grey"):
+    assert "skipped 4 bad images" in printed
+    for name in ("text", "size", "grey", "corrupt"):
         assert str(files[name]) in printed
 
 
