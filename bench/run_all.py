@@ -10,6 +10,8 @@ loader      ``bench_loader.py``: this loader vs torchvision PCAM, PNG fastai    
 memory      ``bench_memory.py``: peak RSS streaming a 262,144-row train file    <= 1.5 GB
 train       ``bench_train.py``: fastai Learner vs bare PyTorch loop             >= 0.9
 inference   ``bench_inference.py``: ``predict_probs`` TTA vs plain              ~ 1/8
+predict     ``bench_predict.py``: ``pcamlib predict`` vs the bare model;        >= 0.9,
+            ``pcamlib slide`` tiles/s and peak RSS on two slide sizes           <= +100 MB
 import      ``bench_import.py``: JPEG folders to HDF5 (only when ../shared      none
             exists; not with ``--quick`` unless named in ``--only``)
 ==========  ==================================================================  ==========
@@ -44,11 +46,12 @@ import pandas as pd  # noqa: E402
 from pcamlib import config  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-NAMES = ("loader", "memory", "train", "inference", "import")
+NAMES = ("loader", "memory", "train", "inference", "predict", "import")
 TIMEOUT_S = 1800  # per benchmark; the full memory run generates 7.2 GB first
 PAPER_TRAIN_ROWS = 262_144  # full-size train split
 TARGETS = {"loader": 20.0, "memory_mb": 1500.0, "train": 0.9, "inference_min": 0.10,
-           "gpu_pipeline": 0.8, "gpu_minutes": 30.0}
+           "gpu_pipeline": 0.8, "gpu_minutes": 30.0, "predict": 0.9,
+           "slide_rss_growth_mb": 100.0}
 
 
 def _command(name: str, out: Path, quick: bool, memory_rows: int | None) -> list[str] | None:
@@ -145,6 +148,25 @@ def key_ratios(out: Path) -> list[dict]:
                 f"({r['images_per_s']:,.1f} img/s)", f"{r['ratio_vs_plain']:.3f}",
                 f"~0.125, >= {TARGETS['inference_min']}",
                 _verdict(r["ratio_vs_plain"] >= TARGETS["inference_min"]))
+    predict = _read(out, "predict")
+    if predict is not None:
+        rows_ = predict[predict.measure == "predict"]
+        for _, r in rows_[rows_.input != "bare_forward"].iterrows():
+            add("predict", f"{r['input']} / bare forward, {r['arch']} on {r['device']} "
+                f"({r['items_per_s']:,.1f} img/s)", f"{r['ratio_vs_bare']:.2f}",
+                f">= {TARGETS['predict']}", _verdict(r["ratio_vs_bare"] >= TARGETS["predict"]))
+        slides = predict[predict.measure == "slide"]
+        for _, r in slides.iterrows():
+            add("predict", f"slide {r['input']} px, {r['arch']} ({r['items']:,} tissue tiles, "
+                f"{r['ratio_vs_bare']:.2f} of bare forward)", f"{r['items_per_s']:,.1f} tiles/s",
+                "", "info")
+        if len(slides) >= 2:
+            small, large = slides.iloc[0], slides.iloc[-1]
+            growth = large["peak_rss_mb"] - small["peak_rss_mb"]
+            add("predict", f"slide peak RSS {small['input']} -> {large['input']} px "
+                f"({small['peak_rss_mb']:,.0f} -> {large['peak_rss_mb']:,.0f} MB)",
+                f"{growth:+,.0f} MB", f"<= +{TARGETS['slide_rss_growth_mb']:.0f} MB",
+                _verdict(growth <= TARGETS["slide_rss_growth_mb"]))
     gpu = _read(out, "gpu")
     if gpu is not None:
         for _, r in gpu[gpu.measure == "pipeline_train"].iterrows():

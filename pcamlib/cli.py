@@ -153,6 +153,40 @@ def _cmd_refresh_notebooks(args) -> int:
     return 0
 
 
+# ------------------------------------------------------- using a trained model (issue 13)
+
+
+def _cmd_export(args) -> int:
+    from pcamlib.deploy import export_model
+
+    result = export_model(args.run_dir, args.out, onnx=args.onnx, threshold=args.threshold,
+                          overwrite=args.overwrite)
+    print(result.summary())
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from pcamlib.deploy import predict_to_csv
+
+    result = predict_to_csv(args.model_dir, args.inputs, args.out, tta=args.tta,
+                            batch_size=args.batch_size, skip_bad=args.skip_bad,
+                            progress=not args.quiet, device=args.device)
+    print(result.summary())
+    return 0
+
+
+def _cmd_slide(args) -> int:
+    from pcamlib.slide import predict_slide
+
+    result = predict_slide(args.model_dir, args.slide, args.out, level=args.level,
+                           stride=args.stride, tta=args.tta, min_tissue=args.min_tissue,
+                           batch_size=args.batch_size, thumbnail_side=args.thumbnail_size,
+                           overwrite=args.overwrite, progress=not args.quiet,
+                           device=args.device, backend=args.backend)
+    print(result.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pcamlib`` command."""
     from pcamlib.pcam import SPLITS
@@ -231,6 +265,60 @@ def build_parser() -> argparse.ArgumentParser:
                 "re-execute notebooks/ in place with their defaults (sample)")
     quiet(p)
     p.set_defaults(func=_cmd_refresh_notebooks)
+
+    # ---- using a trained model (issue 13): pcamlib/deploy.py and pcamlib/slide.py
+    p = sub.add_parser("export", help="write a finished run as a model folder (safetensors + "
+                                      "JSON, optional ONNX)")
+    p.add_argument("run_dir", type=Path, help="runs/<profile>/<arch> of a finished run")
+    p.add_argument("--out", type=Path, required=True, help="model folder to write")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx (uint8 patches in, probabilities out), checked "
+                        "against PyTorch with onnxruntime")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="tumour probability at or above which pred is 1 (default 0.5)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("predict", help="predict 96x96 patches: image files or folders, PCam "
+                                       "HDF5 files or directories, Kaggle train/")
+    p.add_argument("model_dir", type=Path, help="model folder made by `pcamlib export`")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image file (jpg/png/tif), folder (searched recursively), PCam-format "
+                        "directory or _x.h5 file")
+    p.add_argument("--out", type=Path, required=True,
+                   help="CSV to write: path,row,prob_tumour,pred")
+    p.add_argument("--tta", action="store_true", help="average the 8 dihedral views")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip (and list) unreadable or non-96x96 images instead of failing")
+    p.add_argument("--batch-size", type=int, default=128, help="patches per forward pass")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: GPU if any)")
+    quiet(p)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("slide", help="tile a whole-slide image, predict every tissue tile, "
+                                     "write tiles.csv, a heatmap and the probability grid")
+    p.add_argument("model_dir", type=Path, help="model folder made by `pcamlib export`")
+    p.add_argument("slide", type=Path, help="TIFF/OME-TIFF (tifffile) or any OpenSlide format")
+    p.add_argument("--out", type=Path, required=True, help="folder to write")
+    p.add_argument("--level", type=int, default=0,
+                   help="pyramid level the 96 px tiles are cut from (default 0; PCam is 10x, "
+                        "level 2 of a 40x Camelyon16 scan)")
+    p.add_argument("--stride", type=int, default=96,
+                   help="step between tiles, pixels of --level (default 96: adjacent)")
+    p.add_argument("--tta", action="store_true", help="average the 8 dihedral views")
+    p.add_argument("--min-tissue", type=float, default=0.5,
+                   help="smallest tissue fraction of a tile (Otsu mask) to predict it; "
+                        "0 predicts every tile (default 0.5)")
+    p.add_argument("--thumbnail-size", type=int, default=2048,
+                   help="longer side of the thumbnail for the mask and heatmap (default 2048)")
+    p.add_argument("--batch-size", type=int, default=128, help="tiles per forward pass")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: GPU if any)")
+    p.add_argument("--backend", choices=["auto", "tifffile", "openslide"], default="auto",
+                   help="slide reader (default auto: tifffile for TIFF files it decodes, "
+                        "else OpenSlide)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    quiet(p)
+    p.set_defaults(func=_cmd_slide)
     return parser
 
 
