@@ -75,8 +75,10 @@ def make_model_folder(root: Path, arch: str) -> Path:
     run_dir.mkdir(parents=True)
     mean, std = IMAGENET_STATS
     (run_dir / "params.json").write_text(json.dumps({
-        "arch": arch, "centre_crop": None, "data_dir": None,
-        "normalisation": {"source": "imagenet", "mean": list(mean), "std": list(std)}}))
+        "identity": {"arch": arch, "centre_crop": None, "train_rows": None},
+        "resolved": {"normalisation": {"source": "imagenet", "mean": list(mean),
+                                       "std": list(std)}},
+        "data_dir": None}))
     (run_dir / "run.json").write_text(json.dumps({"complete": True, "best_epoch": 0}))
     torch.manual_seed(0)
     torch.save(build_model(arch).state_dict(), run_dir / "best.pth")

@@ -45,6 +45,7 @@ import pandas as pd
 import torch
 
 from pcamlib.data import batch_pipeline, check_centre_crop, dihedral
+from pcamlib.errors import InputError, MissingInputError, OutputExistsError
 from pcamlib.importer import IMAGE_SUFFIXES, SkippedFile, _BadImage, _decode
 from pcamlib.pcam import IMAGE_SHAPE, SPLITS, file_name
 
@@ -79,19 +80,19 @@ DEFAULT_BATCH_SIZE = 128
 """Patches per forward pass when predicting."""
 
 
-class RunDirError(FileNotFoundError):
+class RunDirError(MissingInputError):
     """A run directory lacks a file that export needs (the message names the command)."""
 
 
-class ModelFileNotFoundError(FileNotFoundError):
+class ModelFileNotFoundError(MissingInputError):
     """A model folder, or a file it must hold, does not exist."""
 
 
-class ModelFormatError(ValueError):
+class ModelFormatError(InputError):
     """A model folder's file is not what this pcamlib writes and reads."""
 
 
-class PredictInputError(ValueError):
+class PredictInputError(InputError):
     """An input to predict is not a 96x96 RGB image, a PCam HDF5 file or a folder of them."""
 
 
@@ -138,14 +139,15 @@ def _read_json(path: Path, error: type[Exception], what: str) -> dict:
 def _read_run_dir(run_dir: str | os.PathLike) -> RunFiles:
     """Read everything export needs from a finished run directory.
 
-    This is the only function that knows the run-directory layout (``params.json``,
-    ``run.json``, ``best.pth``, ``metrics.csv``), so that a change of layout touches
-    nothing else here.
+    The layout and the identity of a run belong to :mod:`pcamlib.runs`; this reads
+    through it and checks that the run finished.
 
     Raises:
         RunDirError: a missing directory or file, naming it and the command that makes it.
-        ValueError: a file that does not hold what training writes.
+        InputError: a file that does not hold what training writes.
     """
+    from pcamlib import runs
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(
@@ -156,18 +158,24 @@ def _read_run_dir(run_dir: str | os.PathLike) -> RunFiles:
                                             run_dir / "best.pth")
     if not params_path.is_file():
         raise RunDirError(
-            f"{params_path}: not found; `pcamlib train --profile PROFILE --arch ARCH` writes "
+            f"{params_path}: not found; `pcamlib train --profile PROFILE --archs ARCH` writes "
             "it (is this a run directory, runs/<profile>/<arch>?)"
         )
-    params = _read_json(params_path, ValueError, "the run's parameters")
+    params = runs.read_params(run_dir)
+    if "identity" not in params or "resolved" not in params:
+        raise InputError(
+            f"{params_path}: no run identity (found keys {sorted(params)}); it was written by "
+            "an older pcamlib: train the run again with this version"
+        )
+    identity, resolved = params["identity"], params["resolved"]
     if not outcome_path.is_file():
         raise RunDirError(
             f"{outcome_path}: not found: the run has not finished; rerun the same "
             "`pcamlib train` command (it resumes) and export when it is done"
         )
-    outcome = _read_json(outcome_path, ValueError, "the run's outcome")
+    outcome = _read_json(outcome_path, InputError, "the run's outcome")
     if outcome.get("complete") is not True:
-        raise ValueError(
+        raise InputError(
             f"{outcome_path}: complete is {outcome.get('complete')!r}, expected true: finish "
             "the run with `pcamlib train` before exporting"
         )
@@ -175,21 +183,15 @@ def _read_run_dir(run_dir: str | os.PathLike) -> RunFiles:
         raise RunDirError(
             f"{best_path}: not found; `pcamlib train` writes the best epoch's weights there"
         )
-    for key in ("arch", "normalisation"):
-        if key not in params:
-            raise ValueError(f"{params_path}: no {key!r} entry (found {sorted(params)})")
-    norm = params["normalisation"]
+    for key, where in (("arch", identity), ("normalisation", resolved)):
+        if key not in where:
+            raise InputError(f"{params_path}: no {key!r} entry (found {sorted(where)})")
+    norm = resolved["normalisation"]
     _check_stats(norm, params_path)
-    try:
-        state_dict = torch.load(best_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises pickle, zip and runtime errors alike
-        raise ValueError(
-            f"{best_path}: not a readable weights file (expected the state_dict that "
-            f"training saves): {type(err).__name__}: {err}"
-        ) from None
+    state_dict = runs.load_checkpoint(best_path, map_location="cpu")
     if not isinstance(state_dict, dict) or not all(
             isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{best_path}: expected a state_dict (name -> tensor), found "
+        raise InputError(f"{best_path}: expected a state_dict (name -> tensor), found "
                          f"{type(state_dict).__name__}")
     metrics_path = run_dir / "metrics.csv"
     metrics = None
@@ -198,17 +200,17 @@ def _read_run_dir(run_dir: str | os.PathLike) -> RunFiles:
         columns = [c for c in ("split", "variant", "metric", "value", "ci_low", "ci_high")
                    if c in table.columns]
         metrics = json.loads(table[columns].to_json(orient="records"))
-    data = {"data_dir": params.get("data_dir"), "train_rows": params.get("train_rows"),
-            "identity": params.get("data_identity")}
+    data = {"data_dir": params.get("data_dir"), "train_rows": identity.get("train_rows"),
+            "identity": identity.get("data")}
     training = {"profile": params.get("profile"), "best_epoch": outcome.get("best_epoch"),
                 "epochs_run": outcome.get("epochs_run"), "pretrained": outcome.get("pretrained"),
                 "lr": outcome.get("lr"), "device": outcome.get("device"),
                 "precision": outcome.get("precision")}
-    return RunFiles(run_dir=run_dir, arch=str(params["arch"]),
+    return RunFiles(run_dir=run_dir, arch=str(identity["arch"]),
                     normalisation={"source": norm.get("source"),
                                    "mean": [float(v) for v in norm["mean"]],
                                    "std": [float(v) for v in norm["std"]]},
-                    centre_crop=params.get("centre_crop"), state_dict=state_dict, data=data,
+                    centre_crop=identity.get("centre_crop"), state_dict=state_dict, data=data,
                     training=training, metrics=metrics)
 
 
@@ -217,7 +219,7 @@ def _check_stats(norm, where: Path) -> None:
         isinstance(norm.get(k), list) and len(norm[k]) == 3
         and all(isinstance(v, int | float) for v in norm[k]) for k in ("mean", "std"))
     if not ok or any(v <= 0 for v in norm["std"]):
-        raise ValueError(
+        raise InputError(
             f"{where}: normalisation must hold 'mean' and 'std', 3 numbers each (std > 0); "
             f"found {norm!r}"
         )
@@ -413,7 +415,7 @@ class PatchClassifier:
         """Move a uint8 N x 96 x 96 x 3 batch to the model's device (pinned on CUDA)."""
         x = torch.as_tensor(images)
         if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE:
-            raise ValueError(
+            raise InputError(
                 f"images must be a uint8 N x 96 x 96 x 3 batch; got {tuple(x.shape)} {x.dtype}"
             )
         if self.device.type == "cuda" and x.device.type == "cpu":
@@ -586,9 +588,9 @@ def scratch_beside(target: Path) -> Path:
 def check_output_folder(path: Path, overwrite: bool, what: str) -> None:
     """Refuse to replace an existing non-empty folder unless ``overwrite``."""
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path}: exists and is not a folder; expected a folder for {what}")
+        raise OutputExistsError(f"{path}: exists and is not a folder; expected a folder for {what}")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{path}: folder exists and is not empty; choose another --out or pass "
             "--overwrite to replace it"
         )
@@ -666,7 +668,7 @@ def export_model(
     from safetensors.torch import save_file
 
     if not 0 < threshold < 1:
-        raise ValueError(f"threshold must be in (0, 1); got {threshold}")
+        raise InputError(f"threshold must be in (0, 1); got {threshold}")
     out_dir = Path(out_dir)
     run = _read_run_dir(run_dir)
     check_output_folder(out_dir, overwrite, "the model")
@@ -805,7 +807,7 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[ImageInput | HDF
         text = os.fspath(given)
         path = Path(text)
         if not path.exists():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{text}: input not found (expected an image file, a folder, a PCam-format "
                 "directory or an _x.h5 file)"
             )
@@ -1024,7 +1026,7 @@ def predict_to_csv(
 
     t0 = time.perf_counter()
     if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+        raise InputError(f"batch_size must be a positive integer; got {batch_size!r}")
     out = Path(out)
     classifier = model if isinstance(model, PatchClassifier) else load_model(model, device=device)
     sources = collect_inputs(inputs)

@@ -27,3 +27,7 @@ class MissingInputError(PcamlibError, FileNotFoundError):
 
 class StepError(PcamlibError, RuntimeError):
     """A step cannot go on (a diverged LR finder, a failed notebook, a failed download)."""
+
+
+class OutputExistsError(PcamlibError, FileExistsError):
+    """An output would replace something that is there (without being asked to)."""

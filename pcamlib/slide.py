@@ -50,6 +50,7 @@ from pcamlib.deploy import (
     prefetch,
     scratch_beside,
 )
+from pcamlib.errors import InputError, MissingInputError
 
 TILE = 96
 """Side of one tile at the chosen level, pixels (a PCam patch)."""
@@ -76,7 +77,7 @@ HEATMAP_COLORMAP = "inferno"
 """Matplotlib colormap of the heatmap (0 = black/purple, 1 = yellow)."""
 
 
-class SlideFormatError(ValueError):
+class SlideFormatError(InputError):
     """A slide file cannot be read as an RGB whole-slide image."""
 
 
@@ -114,7 +115,7 @@ class SlideReader(ABC):
         """Raise ValueError unless ``level`` is one of the slide's levels."""
         if not isinstance(level, int) or not 0 <= level < self.level_count:
             sizes = ", ".join(f"{i}: {w}x{h}" for i, (w, h) in enumerate(self.level_dimensions))
-            raise ValueError(
+            raise InputError(
                 f"{self.path}: level must be in 0..{self.level_count - 1} (levels {sizes}); "
                 f"got {level!r}"
             )
@@ -368,10 +369,10 @@ def open_slide(path: str | os.PathLike, backend: str = "auto") -> SlideReader:
         SlideFormatError: neither reader can use it; the message says what was found.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        raise InputError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: slide file not found")
+        raise MissingInputError(f"{path}: slide file not found")
     if backend == "tifffile":
         return TiffSlide(path)
     if backend == "openslide":
@@ -469,7 +470,7 @@ def tile_grid(reader: SlideReader, level: int, stride: int) -> TileGrid:
     """
     reader.check_level(level)
     if not isinstance(stride, int) or isinstance(stride, bool) or stride <= 0:
-        raise ValueError(f"stride must be a positive number of pixels; got {stride!r}")
+        raise InputError(f"stride must be a positive number of pixels; got {stride!r}")
     width, height = reader.level_dimensions[level]
     if width < TILE or height < TILE:
         raise SlideFormatError(
@@ -637,11 +638,11 @@ def predict_slide(
 
     t0 = time.perf_counter()
     if not 0 <= min_tissue <= 1:
-        raise ValueError(f"min_tissue must be in [0, 1]; got {min_tissue}")
+        raise InputError(f"min_tissue must be in [0, 1]; got {min_tissue}")
     if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+        raise InputError(f"batch_size must be a positive integer; got {batch_size!r}")
     if not isinstance(thumbnail_side, int) or thumbnail_side < 16:
-        raise ValueError(f"thumbnail_side must be an integer >= 16; got {thumbnail_side!r}")
+        raise InputError(f"thumbnail_side must be an integer >= 16; got {thumbnail_side!r}")
     out_dir = Path(out_dir)
     check_output_folder(out_dir, overwrite, "the slide results")
     classifier = model if isinstance(model, PatchClassifier) else load_model(model, device=device)

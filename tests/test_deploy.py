@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from test_train import make_profile, write_toy_pcam
 
+import pcamlib.runs as R
 import pcamlib.train as T
 from pcamlib import config, deploy
 from pcamlib.cli import main
@@ -52,7 +53,7 @@ def toy_run(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = T.train(profile, ARCH, runs_root=root / "runs", progress=False, device=CPU)
-    learn, _ = T.load_best_learner(profile, ARCH, runs_root=root / "runs", device=CPU)
+    learn, _ = R.load_best_learner(profile, ARCH, runs_root=root / "runs", device=CPU)
     return {"root": root, "data_dir": data_dir, "profile": profile,
             "run_dir": result.run_dir, "learn": learn}
 
@@ -101,12 +102,13 @@ def test_model_json_describes_the_run(toy_run, toy_model):
     assert spec["input"] == {"height": 96, "width": 96, "channels": 3, "channel_order": "RGB",
                              "dtype": "uint8", "label_region": "centre 32x32"}
     assert spec["centre_crop"] is None
-    assert spec["normalisation"]["mean"] == params["normalisation"]["mean"]
-    assert spec["normalisation"]["std"] == params["normalisation"]["std"]
+    assert spec["normalisation"]["mean"] == params["resolved"]["normalisation"]["mean"]
+    assert spec["normalisation"]["std"] == params["resolved"]["normalisation"]["std"]
     assert spec["normalisation"]["source"] == "train split"
     assert spec["class_names"] == ["normal", "tumour"] and spec["threshold"] == 0.5
     assert spec["versions"]["torch"] == torch.__version__
     assert spec["data"]["data_dir"] == params["data_dir"]
+    assert spec["data"]["identity"] == params["identity"]["data"]
     assert spec["training"]["best_epoch"] == outcome["best_epoch"]
     assert spec["metrics"] is None  # not evaluated
     assert "pcamlib evaluate" in " ".join(toy_model["result"].notes)
@@ -119,7 +121,7 @@ def test_metrics_and_centre_crop_are_carried_over(toy_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(toy_run["run_dir"], run_dir)
     params = json.loads((run_dir / "params.json").read_text())
-    params["centre_crop"] = 64
+    params["identity"]["centre_crop"] = 64
     (run_dir / "params.json").write_text(json.dumps(params))
     pd.DataFrame([{"arch": ARCH, "split": "test", "variant": "plain", "metric": "auc",
                    "value": 0.75, "ci_low": 0.6, "ci_high": 0.9}]).to_csv(
@@ -417,7 +419,7 @@ def test_export_errors_name_the_file_and_command(toy_run, tmp_path):
     pickled = tmp_path / "pickled"
     shutil.copytree(toy_run["run_dir"], pickled)
     torch.save({"weights": object()}, pickled / "best.pth")
-    with pytest.raises(ValueError, match=r"best\.pth: not a readable weights file"):
+    with pytest.raises(ValueError, match=r"best\.pth: refused to load"):
         deploy.export_model(pickled, tmp_path / "m")
     assert not (tmp_path / "m").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.")]

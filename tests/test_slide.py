@@ -82,8 +82,10 @@ def random_model(tmp_path_factory) -> Path:
     run_dir.mkdir()
     mean, std = IMAGENET_STATS
     (run_dir / "params.json").write_text(json.dumps({
-        "arch": "resnet18", "centre_crop": None, "data_dir": None,
-        "normalisation": {"source": "imagenet", "mean": list(mean), "std": list(std)}}))
+        "identity": {"arch": "resnet18", "centre_crop": None, "train_rows": None},
+        "resolved": {"normalisation": {"source": "imagenet", "mean": list(mean),
+                                       "std": list(std)}},
+        "data_dir": None}))
     (run_dir / "run.json").write_text(json.dumps({"complete": True, "best_epoch": 0}))
     torch.manual_seed(0)
     torch.save(deploy.build_model("resnet18").state_dict(), run_dir / "best.pth")
