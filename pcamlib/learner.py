@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 import torchvision
+from fastai.callback.mixup import MixUp
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
-from fastai.losses import CrossEntropyLossFlat
+from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import RocAucBinary, accuracy
 from fastai.optimizer import SGD
 from fastai.torch_core import set_seed
@@ -145,7 +146,8 @@ def build_learner(
     """A fastai Learner for ``arch`` on the profile's data, set up per the study's recipe.
 
     fastai SGD (:func:`optimizer_func`), weight decay ``profile.wd``, cross-entropy over
-    two classes, accuracy and AUC metrics; one-cycle momentum ``profile.moms``;
+    two classes (label-smoothed and MixUp when the profile asks), accuracy and AUC
+    metrics; one-cycle momentum ``profile.moms``;
     channels_last (NHWC) memory layout on every device; bf16/fp16 mixed precision on
     CUDA only (CPU stays fp32).
 
@@ -169,13 +171,16 @@ def build_learner(
         augment=profile.augment, num_workers=profile.num_workers, device=device,
         seed=profile.seed, train_rows=profile.train_rows, centre_crop=profile.centre_crop,
     )
+    loss = (LabelSmoothingCrossEntropyFlat(eps=profile.label_smoothing)
+            if profile.label_smoothing else CrossEntropyLossFlat())
+    cbs = [MixUp(alpha=profile.mixup)] if profile.mixup else []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)
         learn = vision_learner(
             dls, getattr(torchvision.models, arch), n_out=2, pretrained=pretrained.used,
-            normalize=False, loss_func=CrossEntropyLossFlat(),
-            opt_func=optimizer_func(profile), wd=profile.wd, moms=tuple(profile.moms),
-            metrics=[accuracy, RocAucBinary()], path=run_dir, model_dir="models",
+            normalize=False, loss_func=loss, opt_func=optimizer_func(profile), wd=profile.wd,
+            moms=tuple(profile.moms), metrics=[accuracy, RocAucBinary()], cbs=cbs,
+            path=run_dir, model_dir="models",
         )
     # NHWC convolutions are faster on CUDA tensor cores and in oneDNN on a CPU too (the
     # batch pipeline already yields NHWC tensors, so the model should match).

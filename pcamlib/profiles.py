@@ -69,6 +69,10 @@ class Profile:
         pretrained: ``auto`` (use ImageNet weights when in the local torch hub cache),
             ``yes`` (require them) or ``no``.
         augment: Training augmentation.
+        label_smoothing: Label smoothing of the cross-entropy (fastai's
+            ``LabelSmoothingCrossEntropyFlat``; 0 = plain cross-entropy, as the study).
+        mixup: MixUp's Beta(alpha, alpha) parameter (fastai's ``MixUp`` callback on
+            training batches; 0 = off, as the study).
         train_rows: Use only the first N training rows (None = all); for quick runs.
         centre_crop: Feed the model only the centre N x N pixels, N even in [32, 96]
             (None = the whole 96x96 patch, as the study did). The label depends only on
@@ -81,6 +85,8 @@ class Profile:
         compile: Wrap the model with torch.compile.
         max_minutes_hint: Rough expected wall time, printed before a run.
         arch_note: Why these architectures and depths (shown in the report).
+        data_note: What the data is, where it differs from the official PCam (shown in the
+            report beside the study).
     """
 
     name: str
@@ -102,6 +108,8 @@ class Profile:
     seed: int = 42
     pretrained: str = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
     train_rows: int | None = None
     centre_crop: int | None = None
     eval_splits: tuple[str, ...] = ("train", "valid", "test")
@@ -112,6 +120,7 @@ class Profile:
     compile: bool = False
     max_minutes_hint: float | None = None
     arch_note: str = ""
+    data_note: str = ""
 
     def __post_init__(self):
         _validate(self)
@@ -188,6 +197,10 @@ def _validate(p: Profile) -> None:
         fail("patience", "an integer >= 0 (0 disables early stopping)")
     if p.pretrained not in ("auto", "yes", "no"):
         fail("pretrained", "'auto', 'yes' or 'no'")
+    if not isinstance(p.label_smoothing, int | float) or not 0 <= p.label_smoothing < 0.5:
+        fail("label_smoothing", "a number in [0, 0.5)")
+    if not isinstance(p.mixup, int | float) or not 0 <= p.mixup <= 10:
+        fail("mixup", "a number in [0, 10] (Beta alpha; 0 turns MixUp off)")
     if p.train_rows is not None and (not isinstance(p.train_rows, int) or p.train_rows < p.bs):
         fail("train_rows", f"None or an integer >= bs ({p.bs})")
     try:
@@ -218,6 +231,7 @@ PROFILES: dict[str, Profile] = {
         n_boot=200,
         max_minutes_hint=6,
         arch_note=_CPU_ARCH_NOTE,
+        data_note="generated H&E-like patches (pcamlib sample), not PCam",
     ),
     "real-subset": Profile(
         name="real-subset",
@@ -247,6 +261,11 @@ PROFILES: dict[str, Profile] = {
         n_boot=1000,
         max_minutes_hint=145,
         arch_note=_CPU_ARCH_NOTE,
+        data_note=(
+            "24,000 real PCam patches re-encoded as JPEG (quality ~75) by vflorenc/AI4ALL-PCam: "
+            "train rows 0-20,099 of the official train split, valid rows 29,612-32,767, test a "
+            "random 1,000 of rows 0-3,179 (slides disjoint; no slide ids)"
+        ),
     ),
     "paper": Profile(
         name="paper",
@@ -269,6 +288,7 @@ PROFILES: dict[str, Profile] = {
             "torchvision weights. The depths are our choice, not the study's, so the verdict "
             "compares these two models, not the families; --archs picks others."
         ),
+        data_note="the official PCam HDF5 files (pcamlib download)",
     ),
 }
 """The named profiles; see the README for what each is for."""

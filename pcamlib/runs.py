@@ -48,7 +48,8 @@ IDENTITY_VERSION = 2
 
 IDENTITY_FIELDS: tuple[str, ...] = (
     "epochs", "freeze_epochs", "lr_mult", "bs", "wd", "moms", "optimizer", "patience",
-    "seed", "pretrained", "augment", "train_rows", "centre_crop", "mixed_precision", "compile",
+    "seed", "pretrained", "augment", "label_smoothing", "mixup", "train_rows", "centre_crop",
+    "mixed_precision", "compile",
 )
 """Profile fields that change what training computes. The LR settings (``lr_policy``,
 ``lrs``, ``lr_suggestion``, ``lr_find_iters``) enter as the LR they resolve to, and ``mom``

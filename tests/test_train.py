@@ -8,6 +8,7 @@ work on a copy.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import warnings
@@ -427,3 +428,30 @@ def test_cpu_learner_is_channels_last_end_to_end(data_dir, tmp_path):
     for dl in (learn.dls.train, learn.dls.valid):
         xb, _ = dl.one_batch()
         assert xb.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("label_smoothing", 0.5, "label_smoothing must be a number in [0, 0.5)"),
+    ("mixup", -1, "mixup must be a number in [0, 10]"),
+])
+def test_bad_regularisation_is_named(tmp_path, field, value, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        get_profile("sample", data_dir=tmp_path, **{field: value})
+
+
+def test_label_smoothing_and_mixup_reach_the_learner(data_dir, tmp_path):
+    from fastai.callback.mixup import MixUp
+    from fastai.losses import LabelSmoothingCrossEntropyFlat
+
+    profile = make_profile(data_dir, label_smoothing=0.1, mixup=0.4)
+    learn = L.build_learner(profile, ARCH, run_dir=tmp_path, pretrained=L.choose_pretrained(
+        ARCH, "no"), norm=L.normalisation(profile, False), device=torch.device("cpu"),
+        progress=False)
+    assert isinstance(learn.loss_func, LabelSmoothingCrossEntropyFlat)
+    assert learn.loss_func.eps == pytest.approx(0.1)
+    assert any(isinstance(cb, MixUp) for cb in learn.cbs)
+    plain = L.build_learner(make_profile(data_dir), ARCH, run_dir=tmp_path,
+                            pretrained=L.choose_pretrained(ARCH, "no"),
+                            norm=L.normalisation(profile, False), device=torch.device("cpu"),
+                            progress=False)
+    assert not any(isinstance(cb, MixUp) for cb in plain.cbs)
