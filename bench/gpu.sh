@@ -26,4 +26,11 @@ if ! "$PY" -c "import fastai" >/dev/null 2>&1; then
 fi
 # pcamlib is not pip-installed on the device machine: the repo root goes on the path.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The optimiser step on the GPU: ForeachSGD vs fastai's per-parameter loop (gpu_optim.csv).
+OPTIM_OUT="${OUT:-reports/bench}/gpu_optim.csv"
+if [ "${1:-}" = "--small" ]; then
+    "$PY" bench/bench_optim.py --quick --out "$OPTIM_OUT"
+else
+    "$PY" bench/bench_optim.py --out "$OPTIM_OUT"
+fi
 exec "$PY" bench/bench_gpu.py "$@"

@@ -10,6 +10,8 @@ loader      ``bench_loader.py``: this loader vs torchvision PCAM, PNG fastai    
 memory      ``bench_memory.py``: peak RSS streaming a 262,144-row train file    <= 1.5 GB
 train       ``bench_train.py``: fastai Learner vs bare PyTorch loop             >= 0.9
 inference   ``bench_inference.py``: ``predict_probs`` TTA vs plain              ~ 1/8
+optim       ``bench_optim.py``: ForeachSGD vs fastai's SGD (same update), step   >= 1
+            and training step
 predict     ``bench_predict.py``: ``pcamlib predict`` vs the bare model;        >= 0.9,
             ``pcamlib slide`` tiles/s and peak RSS on two slide sizes           <= +100 MB
 import      ``bench_import.py``: JPEG folders to HDF5 (only when ../shared      none
@@ -46,7 +48,7 @@ import pandas as pd  # noqa: E402
 from pcamlib import config  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-NAMES = ("loader", "memory", "train", "inference", "predict", "import")
+NAMES = ("loader", "memory", "train", "inference", "optim", "predict", "import")
 TIMEOUT_S = 1800  # per benchmark; the full memory run generates 7.2 GB first
 PAPER_TRAIN_ROWS = 262_144  # full-size train split
 TARGETS = {"loader": 20.0, "memory_mb": 1500.0, "train": 0.9, "inference_min": 0.10,
@@ -148,6 +150,18 @@ def key_ratios(out: Path) -> list[dict]:
                 f"({r['images_per_s']:,.1f} img/s)", f"{r['ratio_vs_plain']:.3f}",
                 f"~0.125, >= {TARGETS['inference_min']}",
                 _verdict(r["ratio_vs_plain"] >= TARGETS["inference_min"]))
+    optim = _read(out, "optim")
+    if optim is not None:
+        for _, r in optim[optim.optimizer == "fastai_foreach_sgd"].iterrows():
+            key = r["measure"] == "step"
+            add("optim", f"fastai SGD / ForeachSGD time, {r['measure']}, {r['arch']} on "
+                f"{r['device']} ({r['ms_per_step']:,.2f} ms)", f"{r['ratio_vs_fastai']:.2f}x",
+                ">= 1x" if key else "", _verdict(r["ratio_vs_fastai"] >= 1) if key else "info")
+    gpu_optim = _read(out, "gpu_optim")
+    if gpu_optim is not None:
+        for _, r in gpu_optim[gpu_optim.optimizer == "fastai_foreach_sgd"].iterrows():
+            add("gpu", f"fastai SGD / ForeachSGD time, {r['measure']}, {r['arch']} "
+                f"({r['ms_per_step']:,.2f} ms)", f"{r['ratio_vs_fastai']:.2f}x", "", "info")
     predict = _read(out, "predict")
     if predict is not None:
         rows_ = predict[predict.measure == "predict"]
@@ -230,7 +244,7 @@ def write_summary(out: Path, status: list[dict] | None, quick: bool | None) -> P
                      if failed else "") + ".", ""]
     else:
         lines += ["No benchmark CSVs found.", ""]
-    for name in (*NAMES, "gpu", "gpu_estimate"):
+    for name in (*NAMES, "gpu", "gpu_optim", "gpu_estimate"):
         frame = _read(out, name)
         if frame is not None:
             lines += [f"## {name}", "", f"From `{name}.csv`.", "", markdown_table(frame), ""]

@@ -19,7 +19,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 SCRIPTS = ["bench_loader.py", "bench_memory.py", "bench_train.py", "bench_inference.py",
-           "bench_gpu.py", "run_all.py"]
+           "bench_optim.py", "bench_predict.py", "bench_gpu.py", "sample_variation.py",
+           "run_all.py"]
 TIMEOUT = 600
 
 
@@ -147,6 +148,24 @@ def test_gpu_script_small_on_cpu(tmp_path):
     assert float(line.group(1)) == pytest.approx(estimate.minutes.sum(), abs=0.1)
     assert re.search(r"^pipeline/bare resnet18: [\d.]+ \(target >= 0.8\): (PASS|FAIL)$",
                      proc.stdout, re.M)
+    optim = pd.read_csv(tmp_path / "gpu_optim.csv")
+    assert set(optim.optimizer) == {"fastai_sgd", "fastai_foreach_sgd", "torch_sgd_foreach"}
+
+
+@pytest.mark.slow
+def test_optim_quick(tmp_path):
+    out = tmp_path / "optim.csv"
+    _run([sys.executable, str(BENCH / "bench_optim.py"), "--quick", "--device", "cpu",
+          "--out", str(out)])
+    frame = pd.read_csv(out)
+    assert set(frame.measure) == {"step", "train_step"} and set(frame.arch) == {"resnet18"}
+    assert (frame.ms_per_step > 0).all()
+    for _, part in frame.groupby("measure"):
+        base = part.set_index("optimizer").ms_per_step
+        ratio = part.set_index("optimizer").ratio_vs_fastai
+        assert ratio["fastai_sgd"] == 1.0
+        assert ratio["fastai_foreach_sgd"] == pytest.approx(
+            base["fastai_sgd"] / base["fastai_foreach_sgd"], rel=0.01)
 
 
 @pytest.mark.slow
