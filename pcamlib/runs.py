@@ -267,9 +267,30 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value}
 
 
+def _identity_defaults() -> dict[str, Any]:
+    """Flattened defaults of the identity's profile fields."""
+    import dataclasses
+
+    defaults = {}
+    for f in dataclasses.fields(Profile):
+        if f.name not in IDENTITY_FIELDS:
+            continue
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        defaults.update(_flatten(_plain({f.name: value})))
+    return defaults
+
+
 def differences(recorded: Mapping, expected: Mapping) -> list[str]:
-    """``"field: run X, requested Y"`` for every (dotted) field that differs."""
+    """``"field: run X, requested Y"`` for every (dotted) field that differs.
+
+    A setting added to pcamlib after a run was made is absent from its identity; it
+    counts as that setting's default, which is what the run used.
+    """
     old, new = _flatten(recorded), _flatten(expected)
+    defaults = _identity_defaults()
+    for key in new:
+        if key not in old and key in defaults:
+            old[key] = defaults[key]
     return [f"{key}: run {old.get(key, '(absent)')!r}, requested {new.get(key, '(absent)')!r}"
             for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 

@@ -261,3 +261,12 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(R.CheckpointError, match="not a readable PyTorch checkpoint"):
         R.load_checkpoint(path)
+
+
+def test_a_setting_added_later_counts_as_its_default():
+    recorded = {"epochs": 3, "augment": {"max_rotate": 15.0}}
+    assert R.differences(recorded, {"epochs": 3, "mixup": 0.0,
+                                    "augment": {"max_rotate": 15.0, "stain_jitter": 0.0}}) == []
+    assert R.differences(recorded, {"epochs": 3, "mixup": 0.4,
+                                    "augment": {"max_rotate": 15.0}}) == [
+        "mixup: run 0.0, requested 0.4"]
