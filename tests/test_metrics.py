@@ -443,3 +443,56 @@ def test_delong_se_matches_monte_carlo_spread_of_delta() -> None:
         deltas.append(res["delta"])
         ses.append(res["se"])
     assert np.mean(ses) == pytest.approx(np.std(deltas, ddof=1), rel=0.25)
+
+
+# --------------------------------------------------------------------------- study claims
+
+
+def _scores(y: np.ndarray, separation: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1, y.size) + separation * (2 * y - 1)
+    return 1 / (1 + np.exp(-logits))
+
+
+def test_study_claims_support_a_clear_densenet_advantage():
+    y = np.tile([0, 1], 1000)
+    table = M.study_claims(y, _scores(y, 3.0, 0), _scores(y, 0.5, 1), n_boot=300, seed=0)
+    assert list(table.columns) == list(M.CLAIM_COLUMNS)
+    rows = table.set_index("claim")
+    acc = rows.loc["DenseNet has a higher test accuracy than ResNet (difference)"]
+    auc = rows.loc["DenseNet has a higher test AUC than ResNet (difference)"]
+    assert acc.study == pytest.approx(0.8437 - 0.8249)
+    assert acc.ci_low > 0 and acc.finding.startswith("supported")
+    assert auc.ci_low > 0 and auc.finding.startswith("supported") and auc.p_value < 0.001
+    pred_d = _scores(y, 3.0, 0) >= 0.5
+    assert rows.loc["DenseNet test accuracy"].measured == pytest.approx((pred_d == y).mean())
+    assert rows.loc["ResNet test AUC"].finding.startswith("lower here")
+
+
+def test_study_claims_equal_models_show_nothing_and_swap_is_contradiction():
+    y = np.tile([0, 1], 500)
+    same = _scores(y, 1.2, 0)
+    table = M.study_claims(y, same, same, n_boot=200, seed=0).set_index("claim")
+    assert table.loc["DenseNet has a higher test AUC than ResNet (difference)"].finding \
+        .startswith("not shown")
+    swapped = M.study_claims(y, _scores(y, 0.3, 1), _scores(y, 3.0, 0), n_boot=200,
+                             seed=0).set_index("claim")
+    assert swapped.loc["DenseNet has a higher test AUC than ResNet (difference)"].finding \
+        .startswith("contradicted")
+
+
+def test_study_value_inside_the_interval_is_consistent():
+    y = np.tile([0, 1], 500)
+    rng = np.random.default_rng(4)
+    # accuracy near the study's DenseNet 0.8437: correct with probability 0.8437
+    correct = rng.random(y.size) < 0.8437
+    prob = np.where(correct == (y == 1), 0.8, 0.2)
+    row = M.study_claims(y, prob, prob, n_boot=300, seed=0).set_index("claim") \
+        .loc["DenseNet test accuracy"]
+    assert row.ci_low <= 0.8437 <= row.ci_high
+    assert row.finding.startswith("consistent")
+
+
+def test_study_claims_bad_input_is_named():
+    with pytest.raises(ValueError, match="length mismatch"):
+        M.study_claims([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8], [0.5, 0.5], n_boot=10)
