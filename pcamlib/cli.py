@@ -133,6 +133,17 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_record_trial(args) -> int:
+    from pcamlib.selection import record_trial, trial_row
+
+    row = trial_row(args.run_dir, args.trial, source=args.source, command=args.command,
+                    other=args.other)
+    path = record_trial(args.profile, row)
+    print(f"{args.trial}: valid AUC {row['valid_auc']}, accuracy {row['valid_accuracy']} -> "
+          f"{path}")
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     from pcamlib.reproduce import reproduce
 
@@ -261,6 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--kernel", default="python3", help="Jupyter kernel")
             p.add_argument("--fresh", action="store_true",
                            help="train again instead of reusing finished runs")
+    p = command("record-trial", "add a selection trial (evaluated on valid only) to "
+                "reports/selection/<profile>_trials.csv")
+    p.add_argument("run_dir", type=Path, help="runs/<profile>/<arch> of the trial")
+    p.add_argument("--trial", required=True, help="the trial's name")
+    p.add_argument("--profile", choices=list(PROFILES), default="real-subset",
+                   help="whose recipe the trial informs")
+    p.add_argument("--source", required=True, help="where it ran, e.g. the commit")
+    p.add_argument("--command", required=True, help="the command that repeats it")
+    p.add_argument("--other", default="", help="settings the other columns do not show")
+    p.set_defaults(func=_cmd_record_trial)
+
     p = command("refresh-notebooks",
                 "re-execute notebooks/ in place with their defaults (sample)")
     quiet(p)
