@@ -21,15 +21,18 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from pcamlib import analysis as A
 from pcamlib import config
 from pcamlib import figures as F
+from pcamlib import metrics as M
 from pcamlib.data import AugmentConfig, PCamAugment
 from pcamlib.errors import MissingInputError
 from pcamlib.evaluate import Comparison, compare_runs
 from pcamlib.pcam import SPLITS, PCamSplit, available_splits, channel_stats, validate_split
 from pcamlib.profiles import Profile, get_profile
-from pcamlib.runs import run_is_complete
-from pcamlib.train import TrainResult, run_lr_find, train
+from pcamlib.runs import load_best_learner, run_is_complete
+from pcamlib.selection import read_trials
+from pcamlib.train import TrainResult, lr_find_with_learner, train
 
 
 @dataclass
@@ -250,7 +253,29 @@ def augmentation_preview(ctx: ReportContext, *, n: int = 4) -> StepOutput:
     _figure(ctx, out, "augmentations", F.augmentation_grid_figure(grid))
     settings = pd.DataFrame([{"parameter": k, "value": v} for k, v in cfg.to_dict().items()])
     _table(ctx, out, "augmentation_settings", settings)
+    out.data["dls"] = training_dataloaders(ctx)
     return out
+
+
+def training_dataloaders(ctx: ReportContext):
+    """The fastai DataLoaders training uses (augmented train, plain valid), for exploring.
+
+    Normalised as the profile's first architecture trains (ImageNet statistics with
+    ImageNet weights, else the train split's); ``dls.show_batch()`` decodes the batches
+    back to patches and class names.
+    """
+    from pcamlib.data import pcam_dataloaders
+    from pcamlib.learner import choose_pretrained, normalisation
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a missing ImageNet file was reported by training
+        choice = choose_pretrained(ctx.profile.archs[0], ctx.profile.pretrained)
+    norm = normalisation(ctx.profile, choice.used)
+    prof = ctx.profile
+    return pcam_dataloaders(prof.data_dir, mean=norm["mean"], std=norm["std"], bs=prof.bs,
+                            augment=prof.augment, num_workers=0, device=torch.device("cpu"),
+                            seed=prof.seed, train_rows=prof.train_rows,
+                            centre_crop=prof.centre_crop)
 
 
 def lr_find_step(
@@ -259,13 +284,16 @@ def lr_find_step(
     """Notebook 03: run lr_find per architecture, plot it, write the LR table training reads.
 
     Returns:
-        Figures ``lr_find_<arch>`` and table ``learning_rates``.
+        Figures ``lr_find_<arch>``, table ``learning_rates`` and data ``learners`` (the
+        fastai Learner of each architecture, whose recorder holds the finder's curve).
     """
     out, rows = StepOutput(), []
     for arch in archs or ctx.profile.archs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            found = run_lr_find(ctx.profile, arch, runs_root=ctx.runs_root, progress=ctx.progress)
+            found, learn = lr_find_with_learner(ctx.profile, arch, runs_root=ctx.runs_root,
+                                                progress=ctx.progress)
+        out.data.setdefault("learners", {})[arch] = learn
         _figure(ctx, out, f"lr_find_{arch}", F.lr_find_figure(
             found.lrs, found.losses, suggestions=found.suggestions, chosen=found.chosen,
             title=f"lr_find: {arch}"))
@@ -342,5 +370,145 @@ def evaluate_step(
                 F.confusion_matrix_figure(comp.confusion_matrices("test")))
     out.text["verdict"] = comp.verdict
     (ctx.tables_dir / "verdict.md").write_text(comp.verdict + "\n")
+    _table(ctx, out, "differences_from_study", study_differences(ctx.profile, comp))
+    claims = _claims(ctx.profile, comp)
+    if claims is not None:
+        _table(ctx, out, "study_claims", claims.round(4))
+    trials = read_trials(ctx.profile.name)
+    if trials is not None:
+        _table(ctx, out, "selection_trials", trials.drop(columns=["command"]))
+    out.text["protocol"] = protocol_text(ctx.profile, trials)
+    (ctx.tables_dir / "protocol.md").write_text(out.text["protocol"] + "\n")
     out.data["comparison"] = comp
+    return out
+
+
+def _family_runs(archs) -> dict[str, str]:
+    """The first DenseNet and the first ResNet among ``archs`` (by study family)."""
+    found: dict[str, str] = {}
+    for arch in archs:
+        try:
+            found.setdefault(M.study_family(arch), arch)
+        except ValueError:
+            continue
+    return found
+
+
+def _claims(profile: Profile, comp: Comparison) -> pd.DataFrame | None:
+    """The study's claims against this report's DenseNet and ResNet (test split)."""
+    families = _family_runs(comp.evaluations)
+    if "test" not in profile.eval_splits or set(families) != {"DenseNet", "ResNet"}:
+        return None
+    data = comp.roc_data("test")
+    y, prob_dense = data[families["DenseNet"]]
+    prob_res = data[families["ResNet"]][1]
+    table = M.study_claims(y, prob_dense, prob_res, n_boot=max(profile.n_boot, 200),
+                           seed=profile.seed)
+    table.insert(1, "models", f"{families['DenseNet']} vs {families['ResNet']}")
+    return table
+
+
+def study_differences(profile: Profile, comp: Comparison) -> pd.DataFrame:
+    """What differs between the study's setting and this report's, aspect by aspect."""
+    sizes = {split: len(PCamSplit(profile.data_dir, split)) for split in SPLITS
+             if split in available_splits(profile.data_dir)}
+    runs = {arch: json.loads((ev.run_dir / "run.json").read_text())
+            for arch, ev in comp.evaluations.items()}
+    weights = "; ".join(f"{a}: {'ImageNet fine_tune' if r['pretrained'] else 'from scratch'}"
+                        for a, r in runs.items())
+    epochs = "; ".join(f"{a}: {r['epochs_run']} run, best {r['best_epoch']}"
+                       for a, r in runs.items())
+    lrs = "; ".join(f"{a}: {r['lr']:g}" for a, r in runs.items())
+    devices = "; ".join(sorted({f"{r['device']} ({r['precision']})" for r in runs.values()}))
+    rows = [
+        ("data", "official PCam HDF5",
+         profile.data_note or f"PCam-format data in {Path(profile.data_dir).name}"),
+        ("split sizes (train / valid / test)", "262,144 / 32,768 / 32,768",
+         " / ".join(f"{sizes.get(s, 0):,}" for s in SPLITS)),
+        ("models", "DenseNet, ResNet (depths not given)", ", ".join(comp.evaluations)),
+        ("weights", "ImageNet, fastai fine_tune", weights),
+        ("epochs", "up to 10, early stopping on valid loss (patience 3)", epochs),
+        ("learning rate", "lr_find: DenseNet 0.0057, ResNet 0.0012", lrs),
+        ("momentum", "quoted as 0.9; fastai's one-cycle runs 0.95 -> 0.85 -> 0.95",
+         " -> ".join(f"{m:g}" for m in profile.moms)),
+        ("batch size", "64 (32 in one place)", str(profile.bs)),
+        ("hardware", "not stated", devices),
+    ]
+    return pd.DataFrame(rows, columns=["aspect", "study", "this report"])
+
+
+def protocol_text(profile: Profile, trials: pd.DataFrame | None) -> str:
+    """How this report's settings were chosen and when the test split was scored."""
+    if trials is None:
+        return (f"Settings: the `{profile.name}` profile as defined in `pcamlib/profiles.py`. "
+                "No selection trials are recorded for it; its test split is scored once, "
+                "in this report.")
+    return (
+        f"Protocol. Every setting of the `{profile.name}` recipe (epochs, learning rate, "
+        "augmentation, early stopping, crop) was chosen by comparing trial runs on the "
+        f"validation split only: {len(trials)} trials, listed in `selection_trials` with "
+        "their settings and valid metrics (the table has no test column), recorded in "
+        f"`reports/selection/{profile.name.replace('-', '_')}_trials.csv` with the command "
+        "that repeats each. The test split was scored once, for the final recipe, in this "
+        "report. Recipes are also scored on held-out real patches that nobody working on "
+        "the project sees, so fitting the shared test split would gain nothing."
+    )
+
+
+def analysis_step(ctx: ReportContext, comparison: Comparison, *, split: str = "test",
+                  k: int = 3) -> StepOutput:
+    """Notebook 05, second part: what a reviewer or pathologist asks next.
+
+    Calibration (reliability diagram, ECE beside NLL), sensitivity at fixed specificity
+    and specificity at fixed sensitivity, the most confident errors through fastai's
+    ``ClassificationInterpretation``, Grad-CAM maps of true/false positives/negatives, and a
+    per-slide breakdown when the meta CSV has slide ids.
+
+    Args:
+        ctx: Report context.
+        comparison: :func:`evaluate_step`'s comparison (its predictions are reused).
+        split: The split analysed.
+        k: Patches per kind of error / outcome.
+
+    Returns:
+        Tables ``calibration``, ``reliability``, ``operating_points``, ``top_errors_<arch>``,
+        ``gradcam_<arch>``, optional ``per_slide``; figures ``reliability``,
+        ``operating_points``, ``top_errors_<arch>``, ``gradcam_<arch>``, optional
+        ``per_slide``; data ``interpretations`` and ``learners`` (by architecture).
+    """
+    out = StepOutput()
+    if split not in ctx.profile.eval_splits:
+        return out
+    predictions = {a: ev.predictions for a, ev in comparison.evaluations.items()}
+    n_boot, seed = max(ctx.profile.n_boot, 200), ctx.profile.seed
+    _table(ctx, out, "calibration", A.calibration_table(
+        predictions, split=split, n_boot=n_boot, seed=seed).round(4))
+    bins = A.reliability_bins(predictions, split=split)
+    _table(ctx, out, "reliability", bins.round(4))
+    _figure(ctx, out, "reliability", F.reliability_figure(bins))
+    points = A.operating_point_table(predictions, split=split, n_boot=n_boot, seed=seed)
+    _table(ctx, out, "operating_points", points.round(4))
+    _figure(ctx, out, "operating_points", F.operating_points_figure(points))
+    data = PCamSplit(ctx.profile.data_dir, split)
+    out.data["interpretations"], out.data["learners"] = {}, {}
+    for arch in comparison.evaluations:
+        learn, _ = load_best_learner(ctx.profile, arch, runs_root=ctx.runs_root)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            interp = A.interpretation(learn, data)
+        errors = A.top_errors(interp, k=k)
+        _table(ctx, out, f"top_errors_{arch}", errors.round(4))
+        if len(errors):
+            _figure(ctx, out, f"top_errors_{arch}", F.top_errors_figure(
+                data.read_images(errors.row.to_numpy()), errors,
+                title=f"Most confident errors, {arch} ({split})"))
+        cams = A.gradcam_examples(learn, data, predictions[arch], model=arch, k=max(1, k - 1))
+        _table(ctx, out, f"gradcam_{arch}", cams.table.round(4))
+        _figure(ctx, out, f"gradcam_{arch}", F.gradcam_figure(
+            cams.images, cams.maps, cams.table, title=f"Grad-CAM, {arch} ({split})"))
+        out.data["interpretations"][arch], out.data["learners"][arch] = interp, learn
+    slides = A.per_slide_table(predictions, data.meta(), split=split)
+    if slides is not None:
+        _table(ctx, out, "per_slide", slides.round(4))
+        _figure(ctx, out, "per_slide", F.per_slide_figure(slides))
     return out

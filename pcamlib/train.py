@@ -74,6 +74,18 @@ def run_lr_find(
     ``find`` it is the ``lr_suggestion`` suggestion. Writes ``lr_find.json`` in the run
     directory, which :func:`train` reads.
     """
+    return lr_find_with_learner(profile, arch, runs_root=runs_root, progress=progress,
+                                device=device)[0]
+
+
+def lr_find_with_learner(
+    profile: Profile, arch: str, *, runs_root=None, progress: bool = True, device=None,
+) -> tuple[LRFindResult, Learner]:
+    """:func:`run_lr_find`, also returning the fastai Learner it ran on.
+
+    The Learner's ``recorder`` holds the finder's curve, so ``learn.recorder.plot_lr_find()``
+    draws fastai's own plot (its weights are back at their initial values).
+    """
     run_dir, choice, _, learn = _prepare(profile, arch, runs_root, progress, device)
     if choice.used and (profile.freeze_epochs is None or profile.freeze_epochs > 0):
         learn.freeze()
@@ -107,7 +119,7 @@ def run_lr_find(
     result = LRFindResult(arch, lrs, losses, suggestions, chosen, profile.lr_policy)
     write_lr_find(run_dir, result)
     shutil.rmtree(run_dir / "models", ignore_errors=True)
-    return result
+    return result, learn
 
 
 def chosen_lr(profile: Profile, arch: str, runs_root=None, progress: bool = True) -> float:
