@@ -43,7 +43,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from pcamlib import metrics as M
 from pcamlib.data import CentreCrop, PCamRows, split_dataloader
-from pcamlib.errors import InputError
+from pcamlib.errors import InputError, require_columns
 from pcamlib.pcam import CENTRE_BOX, CLASS_NAMES, IMAGE_SHAPE, PCamSplit, check_split
 
 PREDICTION_COLUMNS: tuple[str, ...] = ("split", "row", "label", "prob")
@@ -62,15 +62,6 @@ def _check_variant(variant: str) -> str:
     return VARIANTS[variant]
 
 
-def _check_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> None:
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise InputError(
-            f"{what} lacks column(s) {missing}; expected {', '.join(columns)}; found "
-            f"{', '.join(map(str, table.columns))}"
-        )
-
-
 def _check_models(predictions: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     if isinstance(predictions, pd.DataFrame) or not isinstance(predictions, Mapping):
         raise InputError(
@@ -87,7 +78,7 @@ def _split_predictions(table: pd.DataFrame, split: str, variant: str,
     """``(rows, labels, probabilities)`` of one split and variant of a prediction table."""
     check_split(split)
     column = _check_variant(variant)
-    _check_columns(table, list(dict.fromkeys([*PREDICTION_COLUMNS, column])), what)
+    require_columns(table, list(dict.fromkeys([*PREDICTION_COLUMNS, column])), what)
     present = sorted(map(str, table["split"].unique()))
     part = table[table["split"] == split]
     if part.empty:

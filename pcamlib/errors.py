@@ -12,6 +12,8 @@ working.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class PcamlibError(Exception):
     """An expected failure whose message says what to fix."""
@@ -31,3 +33,19 @@ class StepError(PcamlibError, RuntimeError):
 
 class OutputExistsError(PcamlibError, FileExistsError):
     """An output would replace something that is there (without being asked to)."""
+
+
+def require_columns(table, columns: Sequence[str], what: str) -> None:
+    """Raise :class:`InputError` naming the columns a table lacks, and those it has.
+
+    Args:
+        table: A pandas DataFrame.
+        columns: The columns it must have.
+        what: How the message names the table (a parameter name).
+    """
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise InputError(
+            f"{what} lacks column(s) {missing}; expected {', '.join(columns)}; "
+            f"found {', '.join(map(str, table.columns))}"
+        )

@@ -35,7 +35,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 from numpy.typing import ArrayLike
 from PIL import Image
 
-from pcamlib.errors import InputError
+from pcamlib.errors import InputError, require_columns
 from pcamlib.pcam import CENTRE_BOX, CLASS_NAMES, IMAGE_SHAPE, SPLITS
 
 __all__ = [
@@ -844,16 +844,6 @@ CAM_CMAP = "inferno"
 """Colour map of Grad-CAM overlays (perceptually uniform, readable over H&E)."""
 
 
-def _require_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> None:
-    """Raise a ValueError naming the missing columns of ``table``."""
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise InputError(
-            f"{what} lacks column(s) {missing}; expected {', '.join(columns)}; "
-            f"found {', '.join(map(str, table.columns))}"
-        )
-
-
 def _model_groups(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """(model name, rows) in order of first appearance; one unnamed model without ``model``."""
     if "model" not in table.columns:
@@ -883,7 +873,7 @@ def reliability_figure(bins: pd.DataFrame, *, title: str | None = None) -> Figur
     Raises:
         ValueError: If a column is missing or the table is empty.
     """
-    _require_columns(bins, ["bin_low", "bin_high", "count", "mean_prob", "observed",
+    require_columns(bins, ["bin_low", "bin_high", "count", "mean_prob", "observed",
                             "ci_low", "ci_high"], "bins")
     if bins.empty:
         raise InputError("bins is empty")
@@ -939,7 +929,7 @@ def operating_points_figure(table: pd.DataFrame, *, title: str | None = None) ->
     Raises:
         ValueError: If a column is missing or the table is empty.
     """
-    _require_columns(table, ["fixed", "target", "estimated", "threshold", "value",
+    require_columns(table, ["fixed", "target", "estimated", "threshold", "value",
                              "ci_low", "ci_high"], "table")
     if table.empty:
         raise InputError("table is empty")
@@ -1005,7 +995,7 @@ def top_errors_figure(images: ArrayLike, table: pd.DataFrame, *,
         ValueError: If a column is missing, the table is empty or ``images`` does not
             hold one patch per table row.
     """
-    _require_columns(table, ["kind", "row", "prob", "loss"], "table")
+    require_columns(table, ["kind", "row", "prob", "loss"], "table")
     patches = _as_patches(images)
     if table.empty:
         raise InputError("table is empty: there are no errors to show")
@@ -1060,7 +1050,7 @@ def gradcam_figure(images: ArrayLike, maps: ArrayLike, table: pd.DataFrame, *,
         ValueError: If a column is missing, the table is empty or the arrays do not
             match the table and each other.
     """
-    _require_columns(table, ["outcome", "row", "prob"], "table")
+    require_columns(table, ["outcome", "row", "prob"], "table")
     patches = _as_patches(images)
     cams = np.asarray(maps, dtype=float)
     if table.empty:
@@ -1128,7 +1118,7 @@ def per_slide_figure(table: pd.DataFrame, *, max_slides: int = 30,
     Raises:
         ValueError: If a column is missing, the table is empty or ``max_slides < 1``.
     """
-    _require_columns(table, ["wsi", "n", "positives", "accuracy"], "table")
+    require_columns(table, ["wsi", "n", "positives", "accuracy"], "table")
     if table.empty:
         raise InputError("table is empty")
     if max_slides < 1:

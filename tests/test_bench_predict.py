@@ -6,27 +6,20 @@ consistency of the ratios, and the verdicts run_all derives from a given CSV.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_bench import _load
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 
 
 def _load_run_all():
-    spec = importlib.util.spec_from_file_location("run_all_under_test", BENCH / "run_all.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return _load("run_all")
 
 
 def _predict_csv(path: Path, growth_mb: float) -> None:
