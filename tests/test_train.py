@@ -455,3 +455,15 @@ def test_label_smoothing_and_mixup_reach_the_learner(data_dir, tmp_path):
                             norm=L.normalisation(profile, False), device=torch.device("cpu"),
                             progress=False)
     assert not any(isinstance(cb, MixUp) for cb in plain.cbs)
+
+
+def test_paper_profile_requires_imagenet_weights(tmp_path, empty_weights_cache):
+    paper = get_profile("paper", data_dir=tmp_path)
+    assert paper.pretrained == "yes"
+    assert "depths" in paper.arch_note and "densenet121" in paper.arch_note
+    with pytest.raises(FileNotFoundError) as err:
+        T.train(paper, "resnet50", runs_root=tmp_path / "runs", progress=False)
+    message = str(err.value)
+    assert str(L.pretrained_weights_file("resnet50")) in message
+    assert "--set pretrained=no" in message and "download.pytorch.org" in message
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("run.json"))
