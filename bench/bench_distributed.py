@@ -55,7 +55,7 @@ def child(args) -> int:
     benchlib.set_threads(args.threads)
     procs, device = distributed.join(args.device)
     profile = get_profile("sample", data_dir=args.data_dir, archs=[args.arch], bs=args.bs,
-                          pretrained="no", num_workers=0)
+                          pretrained="no")
     mean, std = IMAGENET_STATS
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-dist-rank{procs.rank}-"))
     learn = build_learner(profile, args.arch, run_dir=run_dir,
@@ -123,9 +123,11 @@ def measure(processes: int, *, data_dir: Path, arch: str, bs: int, steps: int, w
                "--data-dir", str(data_dir), "--arch", arch, "--bs", str(bs),
                "--steps", str(steps), "--warmup", str(warmup), "--device", device,
                "--threads", str(threads), "--result", str(result)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore",
+        env = {**os.environ, "PYTHONWARNINGS": "ignore",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR.parent),
                                                            os.environ.get("PYTHONPATH")]))}
+        if threads > 0:
+            env["OMP_NUM_THREADS"] = str(threads)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
         if proc.returncode != 0 or not result.is_file():
             raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import fastai.callback.schedule  # noqa: F401 - adds Learner.fit_one_cycle and lr_find
 import torch
 import torchvision
 from fastai.callback.mixup import MixUp
