@@ -16,7 +16,10 @@ A run of architecture ``arch`` under profile ``p`` lives in ``<runs_root>/<p.nam
 
 This module alone decides whether a run matches a profile (:func:`expected_identity`,
 :func:`check_run`): training checks before it resumes, evaluation before it loads weights
-or reuses cached predictions. Every checkpoint is read with ``weights_only=True``, so a
+or reuses cached predictions. A run trained by several processes (see
+:mod:`pcamlib.distributed`) has a ``distributed`` entry in its identity, so it resumes only
+with the same process count; rank 0 alone writes its files, and its checkpoint holds the
+RNG states of every rank. Every checkpoint is read with ``weights_only=True``, so a
 tampered ``runs/`` folder cannot make pcamlib run code.
 """
 
