@@ -44,11 +44,13 @@ def default_num_workers(device: torch.device) -> int:
 
     Batch reads cost microseconds per image, so on a CPU-only machine extra processes
     would only compete with the model for cores; with a GPU a few workers keep reads
-    and pinned-memory copies off the training thread.
+    and pinned-memory copies off the training thread. Several training processes on one
+    machine (``LOCAL_WORLD_SIZE``, set by torchrun) share its cores.
     """
     if device.type != "cuda":
         return 0
-    return max(0, min(8, (os.cpu_count() or 1) - 2))
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(8, ((os.cpu_count() or 1) - 2) // local_processes))
 
 
 class PCamRows:
