@@ -255,8 +255,9 @@ def gather_batches(batches: Sequence[torch.Tensor], numbers: Sequence[int], tota
                    device: torch.device) -> list[torch.Tensor]:
     """Batches spread over the ranks, gathered on every rank in epoch order.
 
-    Nothing is padded: a rank may hold fewer batches than another (or none), and every
-    batch comes back exactly as its rank computed it.
+    No row is added or doubled: a rank may hold fewer batches than another (or none),
+    and every batch comes back exactly as its rank computed it (the transport pads each
+    rank's rows to the longest and cuts the padding off again, by count).
 
     Args:
         batches: This rank's batches (first dimension: rows).
