@@ -28,6 +28,12 @@ What it does, end to end:
       autotuning off; these rows show what that costs.
    f. ``eval_plain`` / ``eval_tta``: ``predict_probs`` on ``--eval-rows`` valid rows,
       without and with 8-way dihedral TTA.
+   g. First architecture only (skip with ``--no-processes``): ``train_1_process`` and
+      ``train_2_processes_one_device``, training through ``pcamlib.distributed`` launched
+      by torchrun with 1 and with 2 processes sharing this one device, same global batch
+      (``bench_distributed.py``; two ranks on one GPU use gloo, NCCL refuses them). Its
+      ratio is 2 processes / 1 process. Needs ``accelerate`` (skipped with a message
+      when it is not importable).
 
 3. Prints an estimate of the ``paper`` profile's wall time on this machine.
 
@@ -71,7 +77,7 @@ BATCH_SIZE = 64  # the study's batch size (the paper profile's bs; --bs changes 
 
 # --small: a CPU-sized run that exercises every step in seconds.
 SMALL = {"train_rows": 512, "valid_rows": 128, "archs": "resnet18", "batches": 2,
-         "warmup": 1, "eval_rows": 32, "bs": 16}
+         "warmup": 1, "eval_rows": 32, "bs": 16, "process_steps": 2}
 
 
 def _sync(device: torch.device) -> None:
@@ -229,6 +235,32 @@ def estimate_minutes(rates: dict, epochs: int, lr_find_iters: int) -> dict[str, 
     }
 
 
+def process_rows(args, data_dir: Path, device: torch.device) -> list[dict]:
+    """1 vs 2 training processes on this one device (``bench_distributed.py``), first arch.
+
+    Both processes share the device; NCCL refuses two ranks on one GPU, so pcamlib uses
+    gloo there (pcamlib.distributed.join). Global batch ``--bs`` on both sides.
+    """
+    import bench_distributed
+
+    reason = bench_distributed.unavailable()
+    if reason:
+        print(f"1 vs 2 processes: skipped, {reason}", flush=True)
+        return []
+    arch = [a.strip() for a in args.archs.split(",") if a.strip()][0]
+    print(f"{arch}: 1 vs 2 processes on one {device.type} device, global bs {args.bs}",
+          flush=True)
+    best = bench_distributed.compare(
+        data_dir=data_dir, arch=arch, bs=args.bs, steps=args.process_steps,
+        warmup=args.warmup, rounds=1, device=device.type,
+        threads=1 if device.type == "cpu" else 0)
+    one, two = best[1]["images_per_s"], best[2]["images_per_s"]
+    return [{"arch": arch, "measure": "train_1_process", "images_per_s": round(one, 1),
+             "ratio": 1.0},
+            {"arch": arch, "measure": "train_2_processes_one_device",
+             "images_per_s": round(two, 1), "ratio": round(two / one, 4)}]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -262,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
                              "reports/bench/gpu.csv)")
     parser.add_argument("--no-autotune", action="store_true",
                         help="skip the cuDNN-autotuning variants (CUDA only)")
+    parser.add_argument("--process-steps", type=int, default=100,
+                        help="timed steps of the 1 vs 2 processes measurement (first arch)")
+    parser.add_argument("--no-processes", action="store_true",
+                        help="skip the 1 vs 2 processes measurement")
     parser.add_argument("--keep-data", action="store_true",
                         help="keep the temporary data folder of --small")
     args = parser.parse_args(argv)
@@ -359,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if not args.no_processes:
+            rows += process_rows(args, data_dir, device)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
         if temp and not args.keep_data:

@@ -7,7 +7,8 @@
 # Usage (from anywhere):  bash bench/gpu.sh [--small] [bench_gpu.py options]
 #   PYTHON=...      interpreter to use (default: python3)
 #   GPU_SITE=...    where the wheels are installed (default: /tmp/site)
-# On the device machine, carry .whl (ignored by git) with the working tree.
+# On the device machine, carry .whl (ignored by git) with the working tree; put the
+# accelerate wheel there too, or the 1 vs 2 processes rows are skipped (with a message).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"

@@ -16,6 +16,9 @@ predict     ``bench_predict.py``: ``pcamlib predict`` vs the bare model;        
             ``pcamlib slide`` tiles/s and peak RSS on two slide sizes           <= +100 MB
 import      ``bench_import.py``: JPEG folders to HDF5 (only when ../shared      none
             exists; not with ``--quick`` unless named in ``--only``)
+distributed ``bench_distributed.py``: training with 2 processes (gloo) vs 1,     none
+            same data and global batch (2.0 = perfect scaling on twice the
+            cores)
 ==========  ==================================================================  ==========
 
 ``SUMMARY.md`` has the machine (CPU count, torch, device), a table of the key ratios
@@ -48,7 +51,7 @@ import pandas as pd  # noqa: E402
 from pcamlib import config  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-NAMES = ("loader", "memory", "train", "inference", "optim", "predict", "import")
+NAMES = ("loader", "memory", "train", "inference", "optim", "predict", "import", "distributed")
 TIMEOUT_S = 1800  # per benchmark; the full memory run generates 7.2 GB first
 PAPER_TRAIN_ROWS = 262_144  # full-size train split
 TARGETS = {"loader": 20.0, "memory_mb": 1500.0, "train": 0.9, "inference_min": 0.10,
@@ -181,12 +184,22 @@ def key_ratios(out: Path) -> list[dict]:
                 f"({small['peak_rss_mb']:,.0f} -> {large['peak_rss_mb']:,.0f} MB)",
                 f"{growth:+,.0f} MB", f"<= +{TARGETS['slide_rss_growth_mb']:.0f} MB",
                 _verdict(growth <= TARGETS["slide_rss_growth_mb"]))
+    distributed = _read(out, "distributed")
+    if distributed is not None:
+        for _, r in distributed[distributed.processes > 1].iterrows():
+            add("distributed", f"{r['processes']} processes ({r['backend']}) / 1 process, "
+                f"{r['arch']} (global bs {r['global_batch']}, {r['images_per_s']:,.1f} img/s, "
+                f"{r['torch_threads']} thread(s) each)", f"{r['ratio_vs_1_process']:.2f}",
+                "", "info")
     gpu = _read(out, "gpu")
     if gpu is not None:
         for _, r in gpu[gpu.measure == "pipeline_train"].iterrows():
             add("gpu", f"pipeline / bare training, {r['arch']} "
                 f"({r['images_per_s']:,.0f} img/s)", f"{r['ratio']:.2f}",
                 f">= {TARGETS['gpu_pipeline']}", _verdict(r["ratio"] >= TARGETS["gpu_pipeline"]))
+        for _, r in gpu[gpu.measure == "train_2_processes_one_device"].iterrows():
+            add("gpu", f"2 processes / 1 process on one device, {r['arch']} "
+                f"({r['images_per_s']:,.0f} img/s)", f"{r['ratio']:.2f}", "", "info")
     estimate = _read(out, "gpu_estimate")
     if estimate is not None:
         if "variant" not in estimate:

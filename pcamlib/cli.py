@@ -10,6 +10,9 @@ Examples::
     pcamlib evaluate --profile real-subset --archs resnet18
     pcamlib reproduce --profile sample
 
+    torchrun --nproc_per_node 2 -m pcamlib train --profile sample      # 2 processes
+    accelerate launch --multi_gpu --num_processes 2 -m pcamlib evaluate --profile sample
+
 Expected failures (bad input, missing files, runs made with other settings) print one
 line starting with ``error:`` and exit with status 1; anything else is a bug and shows
 its traceback. ``python -m pcamlib`` is the same command.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -110,6 +114,11 @@ def _profile(args):
     return get_profile(args.profile, **_profile_overrides(args))
 
 
+def _launched_rank() -> int:
+    """This process's rank under ``torchrun`` / ``accelerate launch`` (0 when not launched)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def _cmd_train(args) -> int:
     from pcamlib.train import train
 
@@ -117,9 +126,10 @@ def _cmd_train(args) -> int:
     for arch in profile.archs:
         result = train(profile, arch, runs_root=args.runs_dir, progress=not args.quiet,
                        restart=args.restart)
-        print(result.history.to_string(index=False))
-        print(f"{arch}: best epoch {result.best_epoch}, {result.seconds / 60:.1f} min, "
-              f"pretrained={result.pretrained}, run in {result.run_dir}")
+        if _launched_rank() == 0:
+            print(result.history.to_string(index=False))
+            print(f"{arch}: best epoch {result.best_epoch}, {result.seconds / 60:.1f} min, "
+                  f"pretrained={result.pretrained}, run in {result.run_dir}")
     return 0
 
 
@@ -127,9 +137,11 @@ def _cmd_evaluate(args) -> int:
     from pcamlib.evaluate import compare_runs
 
     profile = _profile(args)
+    # Under a launcher every rank evaluates (each predicts its shard; rank 0 writes).
     comp = compare_runs(profile, runs_root=args.runs_dir, progress=not args.quiet)
-    print(comp.table1.to_string(index=False))
-    print(comp.verdict)
+    if _launched_rank() == 0:
+        print(comp.table1.to_string(index=False))
+        print(comp.verdict)
     return 0
 
 
@@ -344,11 +356,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MULTI_PROCESS_COMMANDS = ("train", "evaluate")
+"""Commands that run under ``torchrun`` / ``accelerate launch`` with several processes."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # set by torchrun / accelerate
+    # Under a launcher every process prints its own errors: say which one it is.
+    where = f"[rank {_launched_rank()} of {world}] " if world > 1 else ""
     try:
+        if world > 1 and args.command not in MULTI_PROCESS_COMMANDS:
+            raise InputError(
+                f"pcamlib {args.command} was launched as {world} processes (WORLD_SIZE="
+                f"{world}); only {' and '.join(MULTI_PROCESS_COMMANDS)} run in several "
+                "processes. Run it as one process")
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -356,8 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     except PcamlibError as err:
         # Expected failures carry a message that says what to fix; anything else is a
         # bug, and its traceback is what a bug report needs.
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {where}{err}", file=sys.stderr)
         return 1
+    finally:
+        if world > 1:
+            from pcamlib.distributed import finish
+
+            finish()
 
 
 if __name__ == "__main__":

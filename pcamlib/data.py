@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.load import DataLoader
 from fastai.data.transforms import Category, CategoryMap
-from fastai.torch_core import TensorCategory, TensorImage, to_device
+from fastai.torch_core import TensorCategory, TensorImage, to_detach, to_device
 from fasttransform import Pipeline, Transform
 from torch.utils.data import get_worker_info
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
@@ -44,11 +44,13 @@ def default_num_workers(device: torch.device) -> int:
 
     Batch reads cost microseconds per image, so on a CPU-only machine extra processes
     would only compete with the model for cores; with a GPU a few workers keep reads
-    and pinned-memory copies off the training thread.
+    and pinned-memory copies off the training thread. Several training processes on one
+    machine (``LOCAL_WORLD_SIZE``, set by torchrun) share its cores.
     """
     if device.type != "cuda":
         return 0
-    return max(0, min(8, (os.cpu_count() or 1) - 2))
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(8, ((os.cpu_count() or 1) - 2) // local_processes))
 
 
 class PCamRows:
@@ -151,7 +153,12 @@ class PCamDataLoader(TfmdDL):
     transfer_bytes: int = 4 * 2**20
     """Target size of one ring slot (whole batches of uint8 images)."""
 
-    def __init__(self, dataset=None, *args, num_workers: int = 0, **kwargs):
+    def __init__(self, dataset=None, *args, num_workers: int = 0, rank: int = 0,
+                 world_size: int = 1, **kwargs):
+        if not 0 <= rank < world_size:
+            raise InputError(f"loader rank must be in 0..{world_size - 1} for world_size "
+                             f"{world_size}; got {rank}")
+        self.rank, self.world_size = rank, world_size
         kwargs.setdefault("after_item", ClassNames())
         # TfmdDL wraps each transform stage in a new Pipeline, which forgets the split
         # the batch pipeline was built for (see batch_pipeline); keep it.
@@ -166,6 +173,59 @@ class PCamDataLoader(TfmdDL):
         # for free slots.
         self.fake_l.prefetch_factor = 1 if self.fake_l.num_workers > 0 else 2
         self._ring: TransferRing | None = None
+
+    def new(self, dataset=None, cls=None, **kwargs):  # noqa: D102 - fastai method
+        # A loader made from this one (another split, a selection) reads the same shard.
+        kwargs.setdefault("rank", self.rank)
+        kwargs.setdefault("world_size", self.world_size)
+        return super().new(dataset, cls, **kwargs)
+
+    def epoch_batches(self, n: int | None = None) -> int:
+        """Batches in an epoch of ``n`` rows (default: the loader's) over all ranks.
+
+        With ``drop_last`` (training) the rows after the last whole step are left out, as
+        in one process: a step is ``bs`` rows on each of ``world_size`` ranks (the global
+        batch). Without it (validation, prediction) the last batch may be short.
+        """
+        n = self.n if n is None else n
+        bs = self.bs or 1
+        if self.drop_last:
+            return n // (bs * self.world_size) * self.world_size
+        return -(-n // bs)
+
+    def batch_numbers(self, n: int | None = None) -> range:
+        """Numbers of this rank's batches among :meth:`epoch_batches`.
+
+        Batch ``j`` of the epoch (rows ``j*bs .. (j+1)*bs - 1`` of the epoch's order) is
+        read by rank ``j % world_size``: the ranks' ``k``-th batches together are step
+        ``k`` of a one-process run with batch ``bs * world_size``. Nothing is padded or
+        read twice; in training every rank has the same number of batches, in
+        validation they may differ by one.
+        """
+        return range(self.rank, self.epoch_batches(n), self.world_size)
+
+    def __len__(self) -> int:
+        if self.world_size == 1:
+            return super().__len__()
+        return len(self.batch_numbers())
+
+    def get_idxs(self):  # noqa: D102 - fastai hook
+        # The epoch's order (shuffled by the loader's RNG: the same permutation on every
+        # rank, which all start from the same seed), then this rank's batches of it.
+        idxs = super().get_idxs()
+        if self.world_size == 1:
+            return idxs
+        bs = self.bs or 1
+        return [i for j in self.batch_numbers(len(idxs)) for i in idxs[j * bs:(j + 1) * bs]]
+
+    def to_detach(self, b, cpu: bool = True, gather: bool = True):
+        """Detach a batch as fastai does, but never gather a sharded loader's batches one by one.
+
+        fastai gathers every batch from every rank when ``WORLD_SIZE`` is set, which needs
+        equal shards; validation shards may differ by a batch and are gathered once per
+        epoch instead (:class:`pcamlib.distributed.GatheredValidation`).
+        """
+        return to_detach(b, cpu, gather and self.world_size == 1)
 
     def _one_pass(self):  # noqa: D102 - fastai hook; types are fixed (see __init__)
         self._n_inp, self._types = 1, {tuple: [TensorImage, TensorCategory]}
@@ -595,6 +655,8 @@ def pcam_dataloaders(
     train_split: str = "train",
     valid_split: str = "valid",
     centre_crop: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoaders:
     """Fastai DataLoaders for a PCam-format directory.
 
@@ -615,6 +677,10 @@ def pcam_dataloaders(
         valid_split: Split used for validation.
         centre_crop: Feed the model only the centre N x N pixels of every split (None:
             the whole patch); see :class:`CentreCrop`.
+        rank: This process's rank among ``world_size`` (see
+            :meth:`PCamDataLoader.batch_numbers`).
+        world_size: Processes sharing every epoch; ``bs`` is then each process's share of
+            a step and ``val_bs`` each process's validation batch.
 
     Returns:
         DataLoaders with ``train`` (shuffled, drop_last) and ``valid``.
@@ -630,9 +696,13 @@ def pcam_dataloaders(
     train_ds = PCamSplit(data_dir, train_split, rows=train_rows)
     valid_ds = PCamSplit(data_dir, valid_split)
     common = dict(num_workers=num_workers, pin_memory=pin, device=device,
-                  persistent_workers=num_workers > 0)
+                  persistent_workers=num_workers > 0, rank=rank, world_size=world_size)
+    if world_size > 1 and len(train_ds) < bs * world_size:
+        raise InputError(
+            f"{train_ds!r} has {len(train_ds)} rows, fewer than one step of {bs} rows on "
+            f"each of {world_size} processes; use a smaller bs or more train_rows")
     train_dl = PCamDataLoader(
-        train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs,
+        train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs or world_size > 1,
         after_batch=batch_pipeline(mean, std, train=True, augment=augment,
                                    channels_last=channels_last, centre_crop=centre_crop),
         **common,

@@ -23,9 +23,11 @@ import pandas as pd
 import torch
 from fastai.learner import Learner
 
+from pcamlib import distributed
 from pcamlib import metrics as M
 from pcamlib.data import dihedral, split_dataloader
-from pcamlib.errors import InputError
+from pcamlib.distributed import gather_batches, unwrap
+from pcamlib.errors import InputError, StepError
 from pcamlib.pcam import PCamSplit, content_digest
 from pcamlib.profiles import Profile
 from pcamlib.runs import (
@@ -61,6 +63,11 @@ def predict_probs(learn: Learner, data: PCamSplit, *, tta: bool = False,
                   progress: bool = False) -> np.ndarray:
     """Probability of class 1 for every row of ``data``, in row order.
 
+    With a Learner built for several processes (its loaders read one rank's shard, see
+    :func:`pcamlib.learner.build_learner`) every rank predicts its own whole batches, the
+    batches one process would read, and all ranks get every probability back in row
+    order (:func:`pcamlib.distributed.gather_batches`); every rank must call this.
+
     Args:
         learn: A Learner whose ``dls.valid`` pipeline is the deterministic one.
         data: The split to predict.
@@ -71,7 +78,7 @@ def predict_probs(learn: Learner, data: PCamSplit, *, tta: bool = False,
         Array of ``len(data)`` probabilities.
     """
     dl = split_dataloader(learn.dls, data)
-    model = learn.model.eval()
+    model = unwrap(learn.model).eval()
     views = range(8) if tta else range(1)
     out = []
     batches = dl
@@ -85,8 +92,12 @@ def predict_probs(learn: Learner, data: PCamSplit, *, tta: bool = False,
             probs = torch.stack(
                 [torch.softmax(model(dihedral(xb, k)).float(), dim=1)[:, 1] for k in views]
             ).mean(0)
-            out.append(probs.cpu())
-    return torch.cat(out).numpy().astype(np.float64)
+            out.append(probs if dl.world_size > 1 else probs.cpu())
+    if dl.world_size > 1:
+        out = gather_batches(out, dl.batch_numbers(), dl.epoch_batches(), learn.dls.device)
+    if not out:
+        return np.zeros(0)
+    return torch.cat(out).cpu().numpy().astype(np.float64)
 
 
 @dataclass
@@ -175,48 +186,79 @@ def evaluate_run(
         arch: Architecture of a finished run.
         runs_root: Root of run directories.
         progress: Show progress bars.
-        device: Evaluation device (default: GPU when present).
+        device: Evaluation device (default: GPU when present; with several processes,
+            this rank's GPU).
         reuse: Reuse an up-to-date evaluation on disk.
+
+    Launched with several processes (``torchrun``, ``accelerate launch``), every rank
+    predicts its shard of each split; the predictions are gathered, and rank 0 alone
+    computes the metrics and writes the files, which the other ranks then read. The
+    numbers are those of one process: the same batches, gathered without padding.
 
     Returns:
         The evaluation (also written to the run directory).
     """
+    procs, device = distributed.join(device)
     record = finished_run(profile, arch, runs_root)  # refuses a run of other settings
     run_dir = record.run_dir
     key = evaluation_key(profile, record)
     eval_json = run_dir / "evaluation.json"
-    if reuse and eval_json.is_file():
-        try:
-            saved = json.loads(eval_json.read_text())
-        except json.JSONDecodeError:
-            saved = {}
-        if saved.get("key") == key:
-            return Evaluation(arch, run_dir, pd.read_csv(run_dir / "predictions.csv"),
-                              pd.read_csv(run_dir / "metrics.csv"), saved["fastai_validate"])
-    learn, _ = load_best_learner(profile, arch, runs_root=runs_root, progress=False, device=device)
+    # Rank 0 decides, so that no rank predicts while another returns the cached result.
+    if procs.broadcast(reuse and _saved_evaluation(eval_json, key) is not None):
+        return _read_evaluation(arch, run_dir, key)
+    learn, _ = load_best_learner(profile, arch, runs_root=runs_root, progress=False,
+                                 device=device, procs=procs)
     preds, rows = [], []
     for split in profile.eval_splits:
         rows_limit = profile.train_rows if split == "train" else None
         data = PCamSplit(profile.data_dir, split, rows=rows_limit)
         y = data.labels
-        prob = predict_probs(learn, data, progress=progress)
-        prob_tta = (predict_probs(learn, data, tta=True, progress=progress)
+        show = progress and procs.is_main
+        prob = predict_probs(learn, data, progress=show)
+        prob_tta = (predict_probs(learn, data, tta=True, progress=show)
                     if profile.tta and split != "train" else np.full(len(y), np.nan))
         preds.append(pd.DataFrame({"split": split, "row": np.arange(len(y)), "label": y,
                                    "prob": prob, "prob_tta": prob_tta}))
+        if not procs.is_main:
+            continue  # rank 0 computes the metrics (bootstrap intervals cost time)
         rows += _metric_rows(arch, split, "plain", y, prob, profile.n_boot, profile.seed)
         if not np.isnan(prob_tta).all():
             rows += _metric_rows(arch, split, "tta", y, prob_tta, profile.n_boot, profile.seed)
-    valid_loss, acc, auc = (float(v) for v in learn.validate())
-    predictions, table = pd.concat(preds, ignore_index=True), pd.DataFrame(rows)
-    predictions.to_csv(run_dir / ".predictions.csv.tmp", index=False)
-    os.replace(run_dir / ".predictions.csv.tmp", run_dir / "predictions.csv")
-    table.to_csv(run_dir / ".metrics.csv.tmp", index=False)
-    os.replace(run_dir / ".metrics.csv.tmp", run_dir / "metrics.csv")
+    with distributed.distrib_ctx(learn, procs):  # metrics over every rank's predictions
+        valid_loss, acc, auc = (float(v) for v in learn.validate())
     fastai_validate = {"valid_loss": valid_loss, "accuracy": acc, "auc": auc}
-    atomic_write_text(eval_json, json.dumps({"key": key, "fastai_validate": fastai_validate},
-                                            indent=1))
+    if procs.is_main:
+        predictions, table = pd.concat(preds, ignore_index=True), pd.DataFrame(rows)
+        predictions.to_csv(run_dir / ".predictions.csv.tmp", index=False)
+        os.replace(run_dir / ".predictions.csv.tmp", run_dir / "predictions.csv")
+        table.to_csv(run_dir / ".metrics.csv.tmp", index=False)
+        os.replace(run_dir / ".metrics.csv.tmp", run_dir / "metrics.csv")
+        atomic_write_text(eval_json, json.dumps({"key": key, "fastai_validate": fastai_validate},
+                                                indent=1))
+    procs.barrier()  # the other ranks read what rank 0 wrote
+    if not procs.is_main:
+        return _read_evaluation(arch, run_dir, key)
     return Evaluation(arch, run_dir, predictions, table, fastai_validate)
+
+
+def _saved_evaluation(eval_json: Path, key: dict) -> dict | None:
+    """``evaluation.json`` when it holds an evaluation made under ``key``, else None."""
+    if not eval_json.is_file():
+        return None
+    try:
+        saved = json.loads(eval_json.read_text())
+    except json.JSONDecodeError:
+        return None
+    return saved if saved.get("key") == key else None
+
+
+def _read_evaluation(arch: str, run_dir: Path, key: dict) -> Evaluation:
+    saved = _saved_evaluation(run_dir / "evaluation.json", key)
+    if saved is None:
+        raise StepError(f"{run_dir / 'evaluation.json'}: no evaluation for these settings "
+                        "after rank 0 wrote it (was the run directory changed meanwhile?)")
+    return Evaluation(arch, run_dir, pd.read_csv(run_dir / "predictions.csv"),
+                      pd.read_csv(run_dir / "metrics.csv"), saved["fastai_validate"])
 
 
 @dataclass

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import fastai.callback.schedule  # noqa: F401 - adds Learner.fit_one_cycle and lr_find
 import torch
 import torchvision
 from fastai.callback.mixup import MixUp
@@ -23,6 +24,7 @@ from fastai.torch_core import set_seed
 from fastai.vision.learner import vision_learner
 
 from pcamlib.data import IMAGENET_STATS, default_device, pcam_dataloaders
+from pcamlib.distributed import SINGLE, Processes
 from pcamlib.errors import InputError, MissingInputError
 from pcamlib.optim import ForeachSGD
 from pcamlib.pcam import PCamSplit, channel_stats
@@ -142,6 +144,7 @@ def build_learner(
     norm: dict,
     device: torch.device | None = None,
     progress: bool = True,
+    procs: Processes = SINGLE,
 ) -> Learner:
     """A fastai Learner for ``arch`` on the profile's data, set up per the study's recipe.
 
@@ -159,17 +162,25 @@ def build_learner(
         norm: Normalisation statistics (see :func:`normalisation`).
         device: Training device (default: GPU when present).
         progress: Show progress bars.
+        procs: The processes sharing the run (:func:`pcamlib.distributed.join`): each
+            reads its shard of every epoch, ``profile.bs / world_size`` training rows per
+            step (``bs`` stays the global batch) and whole validation batches of
+            ``2 * bs`` rows, as one process would.
 
     Returns:
         The Learner.
+
+    Raises:
+        InputError: ``profile.bs`` does not split evenly over the processes.
     """
     check_arch(arch)
     device = device or default_device()
     set_seed(profile.seed, reproducible=True)
     dls = pcam_dataloaders(
-        profile.data_dir, mean=norm["mean"], std=norm["std"], bs=profile.bs,
-        augment=profile.augment, num_workers=profile.num_workers, device=device,
-        seed=profile.seed, train_rows=profile.train_rows, centre_crop=profile.centre_crop,
+        profile.data_dir, mean=norm["mean"], std=norm["std"], bs=procs.check_batch(profile.bs),
+        val_bs=2 * profile.bs, augment=profile.augment, num_workers=profile.num_workers,
+        device=device, seed=profile.seed, train_rows=profile.train_rows,
+        centre_crop=profile.centre_crop, rank=procs.rank, world_size=procs.world_size,
     )
     loss = (LabelSmoothingCrossEntropyFlat(eps=profile.label_smoothing)
             if profile.label_smoothing else CrossEntropyLossFlat())

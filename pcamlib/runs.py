@@ -16,7 +16,10 @@ A run of architecture ``arch`` under profile ``p`` lives in ``<runs_root>/<p.nam
 
 This module alone decides whether a run matches a profile (:func:`expected_identity`,
 :func:`check_run`): training checks before it resumes, evaluation before it loads weights
-or reuses cached predictions. Every checkpoint is read with ``weights_only=True``, so a
+or reuses cached predictions. A run trained by several processes (see
+:mod:`pcamlib.distributed`) has a ``distributed`` entry in its identity, so it resumes only
+with the same process count; rank 0 alone writes its files, and its checkpoint holds the
+RNG states of every rank. Every checkpoint is read with ``weights_only=True``, so a
 tampered ``runs/`` folder cannot make pcamlib run code.
 """
 
@@ -249,12 +252,25 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda o: o.to_dict()))
 
 
-def expected_identity(profile: Profile, arch: str, lr: float) -> dict:
-    """The identity a run of ``arch`` under ``profile`` at learning rate ``lr`` must have."""
+def expected_identity(profile: Profile, arch: str, lr: float,
+                      distributed: Mapping | None = None) -> dict:
+    """The identity a run of ``arch`` under ``profile`` at learning rate ``lr`` must have.
+
+    Args:
+        profile: Parameters.
+        arch: Architecture.
+        lr: The learning rate the run resolved to.
+        distributed: For a run trained by several processes, what that changes
+            (:meth:`pcamlib.distributed.Processes.identity`: process count, rows per
+            process, synchronised batch norm). One-process runs have no such entry, so
+            one is never resumed as the other.
+    """
     fields = profile.to_dict()
     identity = {"version": IDENTITY_VERSION, "arch": arch, "lr": float(lr)}
     identity.update({name: fields[name] for name in IDENTITY_FIELDS})
     identity["data"] = data_identity(profile)
+    if distributed:
+        identity["distributed"] = dict(distributed)
     return _plain(identity)
 
 
@@ -394,7 +410,11 @@ def finished_run(profile: Profile, arch: str, runs_root=None) -> RunRecord:
     if lr is None:
         raise MissingRunError(f"{run_dir}: lr_policy='find' but lr_find.json is missing; "
                               f"train it with `{train_command}`")
-    params = check_run(run_dir, expected_identity(profile, arch, lr))
+    # However many processes trained the run, its weights are evaluated alike: the
+    # recorded process count is taken as it is (training checks it before resuming).
+    recorded = (read_params(run_dir) or {}).get("identity", {})
+    params = check_run(run_dir, expected_identity(profile, arch, lr,
+                                                  recorded.get("distributed")))
     return RunRecord(run_dir, params, outcome)
 
 
@@ -408,8 +428,17 @@ def run_is_complete(profile: Profile, arch: str, runs_root=None) -> bool:
 
 
 def load_best_learner(profile: Profile, arch: str, *, runs_root=None, progress: bool = False,
-                      device=None):
+                      device=None, procs=None):
     """Rebuild a finished run's Learner with its best weights loaded.
+
+    Args:
+        profile: Parameters.
+        arch: Architecture.
+        runs_root: Root of run directories.
+        progress: Show progress bars.
+        device: Device (default: GPU when present).
+        procs: Processes sharing the evaluation (default: one); each rank's loaders read
+            its shard (:func:`pcamlib.learner.build_learner`).
 
     Returns:
         ``(learner, record)``: the Learner on the profile's data, and the run's
@@ -425,7 +454,7 @@ def load_best_learner(profile: Profile, arch: str, *, runs_root=None, progress: 
     choice = PretrainedChoice(False, "", "weights loaded from best.pth")
     learn = build_learner(profile, arch, run_dir=record.run_dir, pretrained=choice,
                           norm=record.resolved["normalisation"], device=device,
-                          progress=progress)
+                          progress=progress, **({"procs": procs} if procs else {}))
     learn.model.load_state_dict(load_checkpoint(record.best_weights,
                                                 map_location=learn.dls.device))
     return learn, record
@@ -466,6 +495,24 @@ def rng_state(train_rng: random.Random) -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def rank_rng_state(recorded: dict | list, rank: int, world_size: int, path: Path) -> dict:
+    """Rank ``rank``'s RNG states out of a checkpoint's ``rng`` entry.
+
+    A one-process checkpoint holds one :func:`rng_state` dict; a run of N processes holds
+    a list of N, one per rank (rank 0 gathers them).
+
+    Raises:
+        CheckpointError: the checkpoint was written by another number of processes.
+    """
+    states = recorded if isinstance(recorded, list) else [recorded]
+    if len(states) != world_size:
+        raise CheckpointError(
+            f"{path}: holds the RNG states of {len(states)} process(es), but {world_size} "
+            "are resuming it; resume with the process count that started the run, or use "
+            "--restart")
+    return states[rank]
 
 
 def restore_rng(train_rng: random.Random, state: dict) -> None:

@@ -13,6 +13,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.schedule import minimum, slide, steep, valley
 from fastai.learner import Learner
 
-from pcamlib.data import default_device
+from pcamlib import distributed
+from pcamlib.distributed import SINGLE, Processes, single_process_view, unwrap
 from pcamlib.errors import StepError
 from pcamlib.learner import (
     build_learner,
@@ -41,6 +43,7 @@ from pcamlib.runs import (
     expected_identity,
     load_checkpoint,
     plain_optimizer_state,
+    rank_rng_state,
     read_lr_find,
     restore_rng,
     rng_state,
@@ -122,13 +125,26 @@ def lr_find_with_learner(
     return result, learn
 
 
-def chosen_lr(profile: Profile, arch: str, runs_root=None, progress: bool = True) -> float:
-    """The LR a run of ``arch`` uses: the profile's, or the LR finder's (run if needed)."""
+def chosen_lr(profile: Profile, arch: str, runs_root=None, progress: bool = True,
+              procs: Processes = SINGLE, device=None) -> float:
+    """The LR a run of ``arch`` uses: the profile's, or the LR finder's (run if needed).
+
+    With several processes the LR finder runs once, in rank 0 alone and exactly as in
+    one process (``bs`` is the global batch either way), while the other ranks wait and
+    then read its ``lr_find.json``.
+    """
     if profile.lr_policy == "fixed":
         return profile.lr_for(arch)
     found = read_lr_find(profile, arch, runs_root)
+    needed = found is None or found.policy != "find"
+    if needed and procs.is_main:
+        with single_process_view() if procs.distributed else nullcontext():
+            run_lr_find(profile, arch, runs_root=runs_root, progress=progress, device=device)
+    procs.barrier()
+    found = read_lr_find(profile, arch, runs_root)
     if found is None or found.policy != "find":
-        found = run_lr_find(profile, arch, runs_root=runs_root, progress=progress)
+        raise StepError(f"lr_find for {arch}: rank 0 recorded no LR in "
+                        f"{run_dir_for(profile, arch, runs_root) / 'lr_find.json'}")
     return found.chosen
 
 
@@ -151,10 +167,11 @@ class _RunKeeper(Callback):
     order = 80  # after the Recorder has the epoch's metrics
 
     def __init__(self, run_dir: Path, phase: _Phase, start_phase_epoch: int, state: dict,
-                 patience: int, smooth_loss: dict | None = None):
+                 patience: int, smooth_loss: dict | None = None, procs: Processes = SINGLE):
         self.run_dir, self.phase, self.start = run_dir, phase, start_phase_epoch
         self.state, self.patience = state, patience
         self.smooth_loss = smooth_loss
+        self.procs = procs
         self.t0 = time.time()
 
     def before_fit(self):
@@ -178,11 +195,15 @@ class _RunKeeper(Callback):
             "phase_epoch": self.epoch, "train_loss": train_loss, "valid_loss": valid_loss,
             "accuracy": acc, "auc": auc, "seconds": round(time.time() - self.t0, 3),
         }
-        st = self.state
+        # Every rank keeps the same state (the metrics were gathered, see
+        # GatheredValidation), so all stop together; only rank 0 writes.
+        st, main = self.state, self.procs.is_main
+        model = unwrap(self.learn.model)
         st["history"].append(row)
         if valid_loss < st["best_loss"]:
             st.update(best_loss=valid_loss, best_epoch=row["epoch"])
-            save_checkpoint(self.learn.model.state_dict(), self.run_dir / "best.pth")
+            if main:
+                save_checkpoint(model.state_dict(), self.run_dir / "best.pth")
         if valid_loss < st["phase_best_loss"]:
             st.update(phase_best_loss=valid_loss, wait=0)
         else:
@@ -190,17 +211,21 @@ class _RunKeeper(Callback):
         stop = self.patience > 0 and st["wait"] >= self.patience
         st["stopped_early"] = stop
         st["next"] = [self.phase.name, self.epoch + 1]
-        # Checkpoint first, history second: the checkpoint (which embeds the history) is
-        # authoritative, so a kill between the two writes loses nothing.
-        save_checkpoint(
-            {"model": self.learn.model.state_dict(),
-             "opt": plain_optimizer_state(self.learn.opt.state_dict()),
-             "rng": rng_state(self.learn.dls.train.rng), "state": st,
-             "smooth_loss": {"val": self.recorder.smooth_loss.val.detach().cpu().clone(),
-                             "count": self.recorder.smooth_loss.count}},
-            self.run_dir / "checkpoint.pth",
-        )
-        write_history(self.run_dir, st["history"])
+        rng = rng_state(self.learn.dls.train.rng)
+        if self.procs.distributed:  # one entry per rank, gathered on rank 0
+            rng = self.procs.gather_to_main(rng)
+        if main:
+            # Checkpoint first, history second: the checkpoint (which embeds the history)
+            # is authoritative, so a kill between the two writes loses nothing.
+            save_checkpoint(
+                {"model": model.state_dict(),
+                 "opt": plain_optimizer_state(self.learn.opt.state_dict()),
+                 "rng": rng, "state": st,
+                 "smooth_loss": {"val": self.recorder.smooth_loss.val.detach().cpu().clone(),
+                                 "count": self.recorder.smooth_loss.count}},
+                self.run_dir / "checkpoint.pth",
+            )
+            write_history(self.run_dir, st["history"])
         if stop:
             raise CancelFitException()
 
@@ -286,40 +311,53 @@ def train(
     follows ``profile.moms`` and each phase has its own early stopping on valid loss
     after ``patience`` epochs without improvement.
 
+    Launched by ``torchrun`` or ``accelerate launch`` with N processes, every process
+    calls this with the same arguments: they join one process group
+    (:func:`pcamlib.distributed.join`), each trains on its shard of every epoch with
+    ``profile.bs / N`` rows per step (``bs`` is the global batch, the LR is not scaled),
+    validation metrics are computed over all ranks' predictions, and rank 0 alone writes
+    the run directory. Each rank's RNG states go into the checkpoint, so a killed
+    multi-process run resumes as exactly as a one-process one; the process count is part
+    of the run identity, so it resumes only with the same count.
+
     Args:
         profile: Parameters.
         arch: Architecture.
         runs_root: Root of run directories (default :data:`config.RUNS_DIR`).
-        progress: Show progress bars and the epoch table.
+        progress: Show progress bars and the epoch table (rank 0 only).
         restart: Set an existing run directory aside and start over.
-        device: Training device (default: GPU when present).
+        device: Training device (default: GPU when present; with several processes,
+            this rank's GPU).
         extra_cbs: More fastai callbacks (tests use one to simulate a kill).
 
     Returns:
-        The finished run.
+        The finished run (on every rank).
 
     Raises:
         RunMismatchError: the run directory holds a run made with other settings or
-            data (nothing in it is touched).
+            data, or by another number of processes (nothing in it is touched).
         CheckpointError: its checkpoint is unreadable or holds pickled objects.
+        InputError: ``profile.bs`` does not split evenly over the processes.
     """
     check_arch(arch)  # before anything is created or an LR is looked up
-    device = torch.device(device) if device is not None else default_device()
+    procs, device = distributed.join(device)
     run_dir = run_dir_for(profile, arch, runs_root)
-    if restart:
-        set_aside(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lr = chosen_lr(profile, arch, runs_root, progress)
+    if procs.is_main:
+        if restart:
+            set_aside(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    procs.barrier()  # the directory is in place before any rank reads it
+    lr = chosen_lr(profile, arch, runs_root, progress, procs=procs, device=device)
     choice = choose_pretrained(arch, profile.pretrained)
     freeze_epochs = profile.freeze_epochs
     if freeze_epochs is None:
         freeze_epochs = 1 if choice.used else 0
     norm = normalisation(profile, choice.used)
-    identity = expected_identity(profile, arch, lr)
+    sync_bn = distributed.sync_batchnorm(procs, device)
+    identity = expected_identity(profile, arch, lr, procs.identity(profile.bs, sync_bn))
     resolved = {"pretrained_used": choice.used, "normalisation": norm,
                 "freeze_epochs": freeze_epochs, "precision": precision_for(profile, device)}
     check_run(run_dir, identity, resolved)
-    write_params(run_dir, identity, resolved, profile)
     phases = _phases(freeze_epochs, profile.epochs)
 
     ckpt_path = run_dir / "checkpoint.pth"
@@ -329,11 +367,15 @@ def train(
         "phase_best_loss": float("inf"), "stopped_early": False, "next": [phases[0].name, 0],
     }
     resumed_from = len(state["history"])
-    write_history(run_dir, state["history"])
+    procs.barrier()  # every rank has read params.json and the checkpoint: rank 0 may write
+    if procs.is_main:
+        write_params(run_dir, identity, resolved, profile)
+        write_history(run_dir, state["history"])
 
     learn = build_learner(profile, arch, run_dir=run_dir, pretrained=choice, norm=norm,
-                          device=device, progress=progress)
+                          device=device, progress=progress and procs.is_main, procs=procs)
     learn.create_opt()
+    rank_seed = distributed.seed_rank(profile.seed, procs)
     names = [p.name for p in phases]
     next_phase, next_epoch = state["next"]
     start_index = names.index(next_phase)
@@ -346,16 +388,18 @@ def train(
             _set_trainable(learn, phases[start_index])
         learn.model.load_state_dict(ckpt["model"])
         learn.opt.load_state_dict(ckpt["opt"])
-        restore_rng(learn.dls.train.rng, ckpt["rng"])
+        restore_rng(learn.dls.train.rng,
+                    rank_rng_state(ckpt["rng"], procs.rank, procs.world_size, ckpt_path))
     for index in range(start_index, len(phases)):
         if state["stopped_early"]:
             break
         phase = phases[index]
         start = next_epoch if index == start_index else 0
         smooth = ckpt.get("smooth_loss") if ckpt and index == start_index else None
-        keeper = _RunKeeper(run_dir, phase, start, state, profile.patience, smooth)
+        keeper = _RunKeeper(run_dir, phase, start, state, profile.patience, smooth, procs)
         cbs = [keeper, *extra_cbs]
-        _fit_phase(learn, phase, lr, profile, cbs, start)
+        with distributed.distrib_ctx(learn, procs):
+            _fit_phase(learn, phase, lr, profile, cbs, start)
 
     history = pd.DataFrame(state["history"], columns=HISTORY_COLUMNS)
     outcome = {
@@ -366,13 +410,42 @@ def train(
         "precision": resolved["precision"], "resumed_from": resumed_from,
         "train_seconds": float(history["seconds"].sum()) if len(history) else 0.0,
         "recipe": recipe_record(profile, lr, phases),
+        "processes": processes_record(profile, procs, sync_bn, procs.gather_to_main(
+            {"rank": procs.rank, "device": str(device), "seed": rank_seed})),
     }
-    atomic_write_text(run_dir / "run.json", json.dumps(outcome, indent=1))
+    if procs.is_main:
+        atomic_write_text(run_dir / "run.json", json.dumps(outcome, indent=1))
+    procs.barrier()  # when train returns, on any rank, run.json is there
     return TrainResult(
         arch=arch, run_dir=run_dir, history=history, best_epoch=state["best_epoch"],
         stopped_early=state["stopped_early"], pretrained=choice.used, lr=lr,
         seconds=outcome["train_seconds"], resumed_from=resumed_from,
     )
+
+
+def processes_record(profile: Profile, procs: Processes, sync_bn: bool,
+                     ranks: list | None) -> dict:
+    """How many processes trained the run and what that means, for ``run.json``.
+
+    Args:
+        profile: Parameters.
+        procs: The processes.
+        sync_bn: Batch norm synchronised across ranks.
+        ranks: Each rank's device and seed (rank 0's view; None on other ranks).
+    """
+    per_process = procs.check_batch(profile.bs)
+    return {
+        "world_size": procs.world_size, "backend": procs.backend, "launcher": procs.launcher,
+        "batch_size": profile.bs, "batch_per_process": per_process,
+        "batch_semantics": (f"global: bs={profile.bs} rows per optimiser step over all "
+                            f"{procs.world_size} process(es), {per_process} per process; "
+                            "an epoch's steps are one process's batches, split between "
+                            "the processes"),
+        "lr_scaling": distributed.LR_SCALING,
+        "sync_batchnorm": sync_bn,
+        "ranks": ranks,
+        "writer": "rank 0 alone writes every file",
+    }
 
 
 def _set_trainable(learn: Learner, phase: _Phase) -> None:

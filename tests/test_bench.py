@@ -19,8 +19,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 SCRIPTS = ["bench_loader.py", "bench_memory.py", "bench_train.py", "bench_inference.py",
-           "bench_optim.py", "bench_predict.py", "bench_gpu.py", "sample_variation.py",
-           "run_all.py"]
+           "bench_optim.py", "bench_predict.py", "bench_gpu.py", "bench_distributed.py",
+           "sample_variation.py", "run_all.py"]
 TIMEOUT = 600
 
 
@@ -101,6 +101,13 @@ def test_summary_from_csvs(tmp_path):
         {"arch": "resnet50", "variant": "as_is", "component": "evaluation", "minutes": 2.5},
     ]).to_csv(tmp_path / "gpu_estimate.csv", index=False)
 
+    pd.DataFrame([
+        {"arch": "resnet18", "processes": p, "backend": b, "device": "cpu", "global_batch": 64,
+         "batch_per_process": 64 // p, "steps": 6, "images": 384, "seconds": s,
+         "images_per_s": 384 / s, "torch_threads": 1, "ratio_vs_1_process": 1.0 / s}
+        for p, b, s in ((1, "none", 1.0), (2, "gloo", 0.8))
+    ]).to_csv(tmp_path / "distributed.csv", index=False)
+
     run_all = _load("run_all")
     assert run_all.main(["--summary-only", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "SUMMARY.md").read_text()
@@ -116,8 +123,11 @@ def test_summary_from_csvs(tmp_path):
     assert verdicts["fastai / bare, resnet18 (bs 64, 349.0 img/s)"] == "PASS"
     assert verdicts["pipeline / bare training, resnet50 (700 img/s)"] == "FAIL"
     assert verdicts["paper profile estimate (resnet50)"] == "PASS"
+    assert verdicts["2 processes (gloo) / 1 process, resnet18 (global bs 64, 480.0 img/s, "
+                    "1 thread(s) each)"] == "info"
     assert "4 PASS, 2 FAIL" in text
-    for section in ("## loader", "## memory", "## train", "## gpu", "## gpu_estimate"):
+    for section in ("## loader", "## memory", "## train", "## distributed", "## gpu",
+                    "## gpu_estimate"):
         assert section in text
 
 
@@ -129,7 +139,8 @@ def test_gpu_script_small_on_cpu(tmp_path):
     assert list(frame.columns) == ["arch", "measure", "images_per_s", "ratio"]
     assert set(frame.arch) == {"resnet18"}
     assert set(frame.measure) == {"loader_only", "pipeline_train", "bare_train",
-                                  "bare_train_fastai_opt", "eval_plain", "eval_tta"}
+                                  "bare_train_fastai_opt", "eval_plain", "eval_tta",
+                                  "train_1_process", "train_2_processes_one_device"}
     assert (frame.images_per_s > 0).all()
     rate = frame.set_index("measure").images_per_s
     ratio = frame.set_index("measure").ratio
@@ -137,6 +148,9 @@ def test_gpu_script_small_on_cpu(tmp_path):
         rate["pipeline_train"] / rate["bare_train"], rel=0.01)
     assert ratio["eval_tta"] == pytest.approx(rate["eval_tta"] / rate["eval_plain"], rel=0.01)
     assert ratio["bare_train"] == 1.0
+    assert ratio["train_1_process"] == 1.0  # 1 vs 2 training processes on the one device
+    assert ratio["train_2_processes_one_device"] == pytest.approx(
+        rate["train_2_processes_one_device"] / rate["train_1_process"], rel=0.01)
     estimate = pd.read_csv(tmp_path / "gpu_estimate.csv")
     assert list(estimate.columns) == ["arch", "variant", "component", "minutes"]
     assert set(estimate.component) == {"train_epochs", "epoch_validation", "lr_find",
@@ -166,6 +180,22 @@ def test_optim_quick(tmp_path):
         assert ratio["fastai_sgd"] == 1.0
         assert ratio["fastai_foreach_sgd"] == pytest.approx(
             base["fastai_sgd"] / base["fastai_foreach_sgd"], rel=0.01)
+
+
+@pytest.mark.slow
+def test_distributed_quick(tmp_path):
+    out = tmp_path / "distributed.csv"
+    proc = _run([sys.executable, str(BENCH / "bench_distributed.py"), "--quick", "--out",
+                 str(out)])
+    frame = pd.read_csv(out).set_index("processes")
+    assert list(frame.index) == [1, 2]
+    assert frame.loc[1, "backend"] == "none" and frame.loc[2, "backend"] == "gloo"
+    assert (frame.global_batch == 32).all() and frame.batch_per_process.tolist() == [32, 16]
+    assert (frame.images == 96).all() and (frame.images_per_s > 0).all()
+    assert frame.loc[1, "ratio_vs_1_process"] == 1.0
+    assert frame.loc[2, "ratio_vs_1_process"] == pytest.approx(
+        frame.loc[2, "images_per_s"] / frame.loc[1, "images_per_s"], rel=0.01)
+    assert re.search(r"^2 processes / 1 process, resnet18: [\d.]+ ", proc.stdout, re.M)
 
 
 @pytest.mark.slow
