@@ -7,6 +7,7 @@ continues after the last finished epoch: nothing finished is lost or redone.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -226,8 +227,32 @@ class _RunKeeper(Callback):
                 self.run_dir / "checkpoint.pth",
             )
             write_history(self.run_dir, st["history"])
+        return_freed_memory()
         if stop:
             raise CancelFitException()
+
+
+def return_freed_memory() -> bool:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``).
+
+    Every training step allocates and frees batches and activations of a few MB. glibc
+    serves them from its heap once its adaptive mmap threshold has grown, and the freed
+    chunks fragment it: a process held ~1 MB more per step, 14 GB after 14 real-subset
+    epochs of resnet18, although no tensor was kept. Trimming after each epoch keeps the
+    process flat (measured: 1,041-1,045 MB over 4 epochs, against 1,384 -> 1,470 MB without).
+
+    Returns:
+        Whether the C library could trim (False off glibc: nothing to do there).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 @dataclass

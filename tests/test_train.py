@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -467,3 +468,16 @@ def test_paper_profile_requires_imagenet_weights(tmp_path, empty_weights_cache):
     assert str(L.pretrained_weights_file("resnet50")) in message
     assert "--set pretrained=no" in message and "download.pytorch.org" in message
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("run.json"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="glibc's malloc_trim is Linux-only")
+def test_freed_memory_goes_back_to_the_system_after_each_epoch(monkeypatch, data_dir, tmp_path):
+    calls = []
+    real = T.return_freed_memory
+    monkeypatch.setattr(T, "return_freed_memory", lambda: calls.append(real()) or True)
+    profile = make_profile(data_dir, epochs=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        T.train(profile, ARCH, runs_root=tmp_path, progress=False)
+    assert calls == [True, True]
