@@ -7,6 +7,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SHARED_SUBSET := ../shared/data/pcam-real-subset
 TEST_REPORTS := $(or $(TMPDIR),/tmp)/pcam-repro-test-reports
+TEST_RUNS := $(or $(TMPDIR),/tmp)/pcam-repro-test-runs
 
 .DEFAULT_GOAL := help
 .PHONY: help install reproduce test lab bench lint notebooks real-subset clean
@@ -23,11 +24,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install pcamlib with every dependency (pinned torch)
 
+# The sample runs take minutes: they are trained anew, so the report is this code's output.
 reproduce: $(STAMP) ## Regenerate reports/sample/ from the notebooks (generates the sample data)
+	rm -rf runs/sample
 	$(VENV)/bin/pcamlib reproduce --profile sample
 
-test: $(STAMP) ## Run the tests: unit, papermill and nbval over notebooks/
-	PCAM_REPORTS_ROOT=$(TEST_REPORTS) $(VPY) -m pytest tests notebooks --nbval \
+test: $(STAMP) ## Run the tests: unit, papermill, nbval over notebooks/, sample-report regression
+	rm -rf $(TEST_REPORTS) $(TEST_RUNS)
+	PCAM_REPORTS_ROOT=$(TEST_REPORTS) PCAM_RUNS_ROOT=$(TEST_RUNS) $(VPY) -m pytest tests notebooks --nbval \
 		--nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
 		--nbval-cell-timeout=1800 -p no:cacheprovider
 
@@ -48,4 +52,4 @@ real-subset: $(STAMP) ## Import ../shared's real PCam subset and reproduce the r
 	$(VENV)/bin/pcamlib reproduce --profile real-subset
 
 clean: ## Remove generated data, runs and test outputs (keeps .venv and reports/)
-	rm -rf data/sample runs $(TEST_REPORTS)
+	rm -rf data/sample runs $(TEST_REPORTS) $(TEST_RUNS)

@@ -24,6 +24,7 @@ import nbformat
 import papermill as pm
 
 from pcamlib import config
+from pcamlib.errors import InputError, StepError
 from pcamlib.pcam import SPLITS, file_name
 from pcamlib.profiles import get_profile
 
@@ -37,7 +38,7 @@ PACKAGES = ("pcamlib", "torch", "torchvision", "fastai", "fastcore", "h5py", "nu
 """Packages whose versions the manifest records."""
 
 
-class ReproduceError(RuntimeError):
+class ReproduceError(StepError):
     """A notebook failed; the message names it and the failing cell."""
 
 
@@ -55,7 +56,7 @@ def check_parameters(path: Path, params: dict[str, Any]) -> None:
     declared = notebook_parameters(path)
     unknown = sorted(set(params) - set(declared))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"{path.name}: unknown parameter(s) {unknown}; it declares {sorted(declared)}"
         )
 
@@ -130,6 +131,44 @@ def _md5(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def source_digest(package_dir: Path | None = None) -> str:
+    """SHA-256 of ``pcamlib/``'s Python sources (paths and contents, in sorted order).
+
+    The manifest records it, so a test can tell whether a committed report was made by
+    the code beside it, with or without git.
+    """
+    package_dir = Path(package_dir or config.REPO_ROOT / "pcamlib")
+    digest = hashlib.sha256()
+    for path in sorted(package_dir.rglob("*.py")):
+        digest.update(path.relative_to(package_dir).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as a report shows it: relative to the project, else under ``~``, else as is.
+
+    Reports are committed and shared; the absolute paths of the machine that made them
+    say nothing to a reader and differ on every machine.
+    """
+    path = Path(path).expanduser()
+    for root, shown in ((config.REPO_ROOT, ""), (Path.home(), "~/")):
+        try:
+            relative = path.resolve().relative_to(root.resolve())
+        except ValueError:
+            continue
+        return f"{shown}{relative.as_posix()}" if str(relative) != "." else (shown or ".")
+    return str(path)
+
+
+def _displayed_paths(text: str) -> str:
+    """``text`` with the project's and the home folder's absolute paths shortened."""
+    repo = str(config.REPO_ROOT.resolve())
+    text = text.replace(repo + os.sep, "").replace(repo, ".")
+    home = str(Path.home().resolve())
+    return text.replace(home + os.sep, "~/") if home != os.sep else text
+
+
 def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=config.REPO_ROOT,
@@ -175,12 +214,15 @@ def build_manifest(profile, runs_root: Path, runs: list[NotebookRun], seconds: f
     for arch in profile.archs:
         path = runs_root / profile.name / arch / "run.json"
         if path.is_file():
-            run_info[arch] = json.loads(path.read_text())
+            run_info[arch] = json.loads(_displayed_paths(path.read_text()))
+    prof = profile.to_dict()
+    prof["data_dir"] = display_path(prof["data_dir"])
     return {
-        "profile": profile.to_dict(),
+        "profile": prof,
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "duration_seconds": round(seconds, 1),
         "git_commit": _git_commit(),
+        "pcamlib_sha256": source_digest(),
         "versions": _versions(),
         "hardware": _hardware(),
         "data_checksums": checksums,
@@ -208,10 +250,46 @@ _FIGURE_TITLES = {
     "figure3_roc_test": "Figure 3: ROC curves, test split",
     "figure4_roc_valid": "Figure 4: ROC curves, valid split",
     "confusion_matrices": "Confusion matrices, test split",
+    "reliability": "Calibration: reliability diagram and predicted probabilities",
+    "operating_points": "Sensitivity at fixed specificity, specificity at fixed sensitivity",
+    "per_slide": "Accuracy per slide",
 }
 
-_TABLE_ORDER = ("table1", "table1_vs_study", "paired_tests", "split_sizes", "channel_stats",
-                "wsi_counts", "learning_rates", "augmentation_settings")
+_TABLE_ORDER = ("table1", "study_claims", "differences_from_study", "table1_vs_study",
+                "paired_tests", "selection_trials", "calibration", "operating_points",
+                "split_sizes", "channel_stats", "wsi_counts", "learning_rates",
+                "augmentation_settings")
+
+
+def _recipe_section(manifest: dict) -> list[str]:
+    """What ran: models and why, optimiser, momentum and LR schedules, early stopping."""
+    prof = manifest["profile"]
+    lines = ["## Recipe: what ran", ""]
+    if prof.get("arch_note"):
+        lines += [f"**Models.** {prof['arch_note']}", ""]
+    recipes = {a: r["recipe"] for a, r in manifest["runs"].items() if "recipe" in r}
+    if not recipes:
+        return lines
+    first = next(iter(recipes.values()))
+    default = tuple(first["moms"]) == (0.95, 0.85, 0.95)
+    source = ("fastai's default, as the study ran" if default
+              else "changed from fastai's default with --set moms=...")
+    lines += [f"**Optimiser.** {first['optimizer']}; batch size {first['batch_size']}, "
+              "cross-entropy loss.", "",
+              f"**Momentum.** The study quotes \"SGD, momentum 0.9\" and trained with fastai's "
+              "`lr_find` and `fine_tune`, whose one-cycle schedule sets the momentum at every "
+              "batch (0.95 -> 0.85 -> 0.95 by default), so 0.9 is only the optimiser's value "
+              "outside the schedule. Here: "
+              f"{first['momentum']} ({source}).",
+              ""]
+    rows = []
+    for arch, recipe in recipes.items():
+        for phase in recipe["phases"]:
+            rows.append({"arch": arch, "phase": phase["phase"], "epochs": phase["epochs"],
+                         "learning rate": phase["lr"], "early stopping": recipe["early_stopping"],
+                         "model kept": recipe["model_kept"]})
+    lines += [_md_table(rows), ""]
+    return lines
 
 
 def write_report_md(report_dir: Path, manifest: dict) -> Path:
@@ -220,7 +298,8 @@ def write_report_md(report_dir: Path, manifest: dict) -> Path:
     tables_dir, figures_dir = report_dir / "tables", report_dir / "figures"
     lines = [f"# PCam reproduction report: profile `{prof['name']}`", ""]
     lines += [f"Generated {manifest['generated']} in {manifest['duration_seconds'] / 60:.1f} "
-              f"minutes from commit `{manifest['git_commit']}`; data `{prof['data_dir']}`.", ""]
+              f"minutes from commit `{manifest['git_commit']}`; data `{prof['data_dir']}`; "
+              f"pcamlib sources sha256 `{manifest.get('pcamlib_sha256', 'unknown')[:16]}`.", ""]
     pretrained = {a: r.get("pretrained_message", "") for a, r in manifest["runs"].items()}
     if pretrained:
         lines += ["**Weights:** " + " ".join(pretrained.values()), ""]
@@ -231,7 +310,12 @@ def write_report_md(report_dir: Path, manifest: dict) -> Path:
     verdict = tables_dir / "verdict.md"
     if verdict.is_file():
         lines += ["## Verdict", "", verdict.read_text().strip(), ""]
-    names = sorted(p.stem for p in tables_dir.glob("*.md") if p.stem != "verdict")
+    protocol = tables_dir / "protocol.md"
+    if protocol.is_file():
+        lines += ["## Protocol", "", protocol.read_text().strip(), ""]
+    lines += _recipe_section(manifest)
+    names = sorted(p.stem for p in tables_dir.glob("*.md") if p.stem not in ("verdict",
+                                                                             "protocol"))
     ordered = [n for n in _TABLE_ORDER if n in names] + [n for n in names if n not in _TABLE_ORDER]
     lines += ["## Tables", ""]
     for name in ordered:
@@ -309,10 +393,10 @@ def reproduce(
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "notebooks").mkdir(parents=True)
     if fresh:
-        from pcamlib.train import _set_aside, run_dir_for
+        from pcamlib.runs import run_dir_for, set_aside
 
         for arch in prof.archs:
-            _set_aside(run_dir_for(prof, arch, runs))
+            set_aside(run_dir_for(prof, arch, runs))
     # Overrides travel as the profile fields they are; archs is a notebook parameter.
     nb_overrides = {k: v for k, v in overrides.items() if k != "archs"}
     base = {"PROFILE": prof.name, "DATA_DIR": str(data_dir or ""), "REPORT_DIR": str(tmp),
@@ -321,8 +405,12 @@ def reproduce(
     for name in NOTEBOOKS:
         if name == "04_train":
             plan += [(name, f"04_train_{a}.ipynb", {**base, "ARCH": a}) for a in prof.archs]
-        elif name in ("03_lr_find", "05_evaluate"):
+        elif name == "03_lr_find":
             plan.append((name, f"{name}.ipynb", {**base, "ARCHS": list(prof.archs)}))
+        elif name == "05_evaluate":
+            # 04 has trained every run; a missing one here is an error, not hours of training.
+            plan.append((name, f"{name}.ipynb",
+                         {**base, "ARCHS": list(prof.archs), "TRAIN_MISSING": False}))
         else:
             plan.append((name, f"{name}.ipynb", base))
     for name, _, params in plan:  # every parameter checked before anything runs

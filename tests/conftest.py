@@ -59,3 +59,10 @@ def empty_weights_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.hub, "get_dir", lambda: str(hub))
         yield hub
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run ``after_notebooks`` tests last: they read what nbval's notebook runs wrote."""
+    late = [item for item in items if item.get_closest_marker("after_notebooks")]
+    if late:
+        items[:] = [item for item in items if item not in late] + late
