@@ -415,6 +415,10 @@ def reproduce(
             plan.append((name, f"{name}.ipynb", base))
     for name, _, params in plan:  # every parameter checked before anything runs
         check_parameters(config.NOTEBOOKS_DIR / f"{name}.ipynb", params)
+    if progress and prof.max_minutes_hint:
+        print(f"[reproduce] profile {prof.name}: about {prof.max_minutes_hint:g} min for "
+              f"{', '.join(prof.archs)} on 2 CPU cores when no run is finished yet; finished "
+              f"runs are reused", flush=True)
     done: list[NotebookRun] = []
     try:
         for name, out_name, params in plan:
