@@ -33,7 +33,7 @@ test: $(STAMP) ## Run the tests: unit, papermill, nbval over notebooks/, sample-
 	rm -rf $(TEST_REPORTS) $(TEST_RUNS)
 	PCAM_REPORTS_ROOT=$(TEST_REPORTS) PCAM_RUNS_ROOT=$(TEST_RUNS) $(VPY) -m pytest tests notebooks --nbval \
 		--nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
-		--nbval-cell-timeout=1800 -p no:cacheprovider
+		--nbval-cell-timeout=1800 -p no:cacheprovider --durations=15
 
 lab: $(STAMP) ## Start JupyterLab with the project's kernel
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)

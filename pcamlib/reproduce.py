@@ -190,12 +190,34 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def numeric_platform() -> dict[str, Any]:
+    """What decides the exact floating-point results of a CPU run on this machine.
+
+    The same values here give bit-identical sample runs; other CPUs, kernel sets (AVX2 vs
+    AVX-512) or thread counts reorder reductions and move the metrics slightly.
+    """
+    import torch
+
+    return {"cpu_model": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+            "torch": torch.__version__}
+
+
 def _hardware() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads(),
-                            "cuda": torch.cuda.is_available()}
+                            **numeric_platform()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
