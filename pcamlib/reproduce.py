@@ -173,7 +173,9 @@ def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=config.REPO_ROOT,
                              capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # Only what makes a report counts: a report folder awaiting its commit does not.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "pcamlib", "notebooks", "pyproject.toml"],
                                cwd=config.REPO_ROOT, capture_output=True, text=True).stdout
         return out.stdout.strip() + (" (with uncommitted changes)" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
@@ -448,6 +450,11 @@ def reproduce(
                 print(f"[reproduce] {out_name} ...", flush=True)
             done.append(run_notebook(name, tmp / "notebooks" / out_name, params, kernel=kernel,
                                      progress=progress))
+        # The executed notebooks are committed too: they name the final folder, not the
+        # temporary one, and no path of the machine that ran them.
+        for run in done:
+            text = run.output.read_text().replace(str(tmp), str(final))
+            run.output.write_text(_displayed_paths(text))
         manifest = build_manifest(prof, runs, done, time.time() - start)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
         write_report_md(tmp, manifest)

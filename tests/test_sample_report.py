@@ -51,10 +51,12 @@ def test_committed_report_was_made_by_this_pcamlib():
 
 
 def test_committed_report_shows_no_machine_paths():
-    for name in ("REPORT.md", "manifest.json"):
-        text = (COMMITTED / name).read_text()
-        found = _ABSOLUTE.findall(text)
-        assert not found, f"{name} shows absolute paths of the machine that made it: {found}"
+    files = [COMMITTED / "REPORT.md", COMMITTED / "manifest.json",
+             *sorted((COMMITTED / "notebooks").glob("*.ipynb"))]
+    for path in files:
+        found = _ABSOLUTE.findall(path.read_text())
+        assert not found, (f"{path.relative_to(COMMITTED)} shows absolute paths of the machine "
+                           f"that made it: {found}")
 
 
 def _fresh_sample_tables(tmp_path_factory) -> pd.DataFrame:
