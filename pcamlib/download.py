@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pcamlib import __version__
 from pcamlib.errors import InputError, StepError

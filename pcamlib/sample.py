@@ -737,7 +737,7 @@ def write_sample(
     Returns:
         ``{split: SplitInfo}`` as validated after writing.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     dest = Path(dest)
     sizes = resolve_sizes(sizes, full_size=full_size)
