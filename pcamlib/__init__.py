@@ -7,4 +7,8 @@ import warnings
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
                         category=FutureWarning)
 
+# Accelerate (imported by fastai.distributed) imports tqdm.auto, which warns in a notebook
+# without ipywidgets; pcamlib draws text bars, so the warning says nothing to the reader.
+warnings.filterwarnings("ignore", message="IProgress not found")
+
 __version__ = "0.1.0"
