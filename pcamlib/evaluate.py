@@ -165,6 +165,7 @@ def evaluation_key(profile: Profile, record: RunRecord) -> dict:
         "identity": record.identity, "resolved": record.resolved,
         "best_sha256": _sha256(record.best_weights),
         "evaluation": {"splits": list(profile.eval_splits), "tta": profile.tta,
+                       "tta_splits": list(profile.tta_splits),
                        "n_boot": profile.n_boot, "seed": profile.seed},
         "data": data,
     }))
@@ -216,7 +217,7 @@ def evaluate_run(
         show = progress and procs.is_main
         prob = predict_probs(learn, data, progress=show)
         prob_tta = (predict_probs(learn, data, tta=True, progress=show)
-                    if profile.tta and split != "train" else np.full(len(y), np.nan))
+                    if profile.tta and split in profile.tta_splits else np.full(len(y), np.nan))
         preds.append(pd.DataFrame({"split": split, "row": np.arange(len(y)), "label": y,
                                    "prob": prob, "prob_tta": prob_tta}))
         if not procs.is_main:

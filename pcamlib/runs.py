@@ -56,8 +56,8 @@ IDENTITY_FIELDS: tuple[str, ...] = (
 )
 """Profile fields that change what training computes. The LR settings (``lr_policy``,
 ``lrs``, ``lr_suggestion``, ``lr_find_iters``) enter as the LR they resolve to, and ``mom``
-only acts in ``lr_find``; the rest (``eval_splits``, ``tta``, ``n_boot``, ``num_workers``,
-``name``, ...) does not change the trained weights."""
+only acts in ``lr_find``; the rest (``eval_splits``, ``tta``, ``tta_splits``, ``n_boot``,
+``num_workers``, ``name``, ...) does not change the trained weights."""
 
 HISTORY_COLUMNS = [
     "epoch", "phase", "phase_epoch", "train_loss", "valid_loss", "accuracy", "auc", "seconds",

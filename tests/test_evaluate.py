@@ -7,6 +7,7 @@ turns), so TTA must reproduce the plain prediction exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -88,7 +89,7 @@ def trained(tmp_path_factory):
     data_dir = write_symmetric_pcam(root / "pcam")
     profile = get_profile(
         "sample", data_dir=data_dir, archs=ARCHS, epochs=1, bs=32, n_boot=50,
-        lr_find_iters=10, pretrained="no", lrs={"resnet": 0.002},
+        lr_find_iters=10, pretrained="no", lrs={"resnet": 0.002}, tta_splits=["valid", "test"],
     )
     runs = root / "runs"
     with warnings.catch_warnings():
@@ -293,6 +294,26 @@ def test_evaluation_is_recomputed_when_best_model_changes(trained, evaluation, t
     assert saved["key"]["best_sha256"] == E._sha256(best)
     pd.testing.assert_frame_equal(pd.read_csv(best.parent / "predictions.csv"),
                                   changed.predictions)
+
+
+@pytest.mark.slow
+def test_tta_only_on_the_tta_splits(trained, evaluation, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(trained["runs"], runs)
+    profile = dataclasses.replace(trained["profile"], tta_splits=("test",))
+    ev = E.evaluate_run(profile, ARCHS[0], runs_root=runs, progress=False)
+    preds = ev.predictions
+    assert preds[preds.split == "valid"].prob_tta.isna().all()
+    assert preds[preds.split == "test"].prob_tta.notna().all()
+    assert {(s, v) for s, v in zip(ev.metrics.split, ev.metrics.variant, strict=True)} == {
+        ("train", "plain"), ("valid", "plain"), ("test", "plain"), ("test", "tta")}
+    pd.testing.assert_frame_equal(ev.predictions.drop(columns="prob_tta"),
+                                  evaluation.predictions.drop(columns="prob_tta"))
+
+
+def test_tta_splits_are_checked():
+    with pytest.raises(ValueError, match="tta_splits must be a non-empty subset of valid, test"):
+        get_profile("sample", tta_splits=["train"])
 
 
 # --------------------------------------------------------------------------- comparison

@@ -563,7 +563,7 @@ def test_channel_stats_cache_reused(make_pcam_dir, monkeypatch):
     first = channel_stats(ds, chunk_rows=5)
     cache = _cache_path(ds)
     assert cache.parent == root and cache.is_file()
-    assert json.loads(cache.read_text())["stats"] == first
+    assert json.loads(cache.read_text())["value"] == first
     second = channel_stats(PCamSplit(root, "train"))  # would raise if it re-read the data
     assert second == first and len(calls) == 1
     assert not list(root.glob("*.tmp"))
@@ -596,7 +596,7 @@ def test_channel_stats_corrupt_cache(make_pcam_dir):
     _cache_path(ds).write_text("{not json")
     stats = channel_stats(ds)
     np.testing.assert_allclose(stats["mean"], _numpy_stats(ds.info.x_path)[0], atol=1e-9)
-    assert json.loads(_cache_path(ds).read_text())["stats"] == stats
+    assert json.loads(_cache_path(ds).read_text())["value"] == stats
 
 
 def test_channel_stats_read_only_dir(make_pcam_dir, monkeypatch):
