@@ -132,6 +132,7 @@ def test_summary_from_csvs(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.bench_run
 def test_gpu_script_small_on_cpu(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
     proc = _run(["bash", str(BENCH / "gpu.sh"), "--small", "--device", "cpu"], env=env)
@@ -167,6 +168,7 @@ def test_gpu_script_small_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.bench_run
 def test_optim_quick(tmp_path):
     out = tmp_path / "optim.csv"
     _run([sys.executable, str(BENCH / "bench_optim.py"), "--quick", "--device", "cpu",
@@ -183,6 +185,7 @@ def test_optim_quick(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.bench_run
 def test_distributed_quick(tmp_path):
     out = tmp_path / "distributed.csv"
     proc = _run([sys.executable, str(BENCH / "bench_distributed.py"), "--quick", "--out",
@@ -199,6 +202,7 @@ def test_distributed_quick(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.bench_run
 def test_loader_quick(tmp_path):
     out = tmp_path / "loader.csv"
     proc = _run([sys.executable, str(BENCH / "bench_loader.py"), "--quick", "--rounds", "1",
@@ -220,6 +224,7 @@ def test_loader_quick(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.bench_run
 def test_memory_quick(tmp_path):
     out = tmp_path / "memory.csv"
     proc = _run([sys.executable, str(BENCH / "bench_memory.py"), "--quick", "--out", str(out)])
@@ -233,6 +238,7 @@ def test_memory_quick(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.bench_run
 def test_train_quick(tmp_path):
     out = tmp_path / "train.csv"
     _run([sys.executable, str(BENCH / "bench_train.py"), "--quick", "--out", str(out)])
@@ -249,6 +255,7 @@ def test_train_quick(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.bench_run
 def test_inference_quick(tmp_path):
     out = tmp_path / "inference.csv"
     _run([sys.executable, str(BENCH / "bench_inference.py"), "--quick", "--rows", "64",
@@ -262,6 +269,7 @@ def test_inference_quick(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.bench_run
 def test_run_all_cheap_parts(tmp_path):
     proc = _run([sys.executable, str(BENCH / "run_all.py"), "--quick", "--only", "memory",
                  "--memory-rows", "2048", "--out", str(tmp_path)])

@@ -65,6 +65,7 @@ def test_help():
 
 
 @pytest.mark.slow
+@pytest.mark.bench_run
 def test_quick_run_through_run_all(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(BENCH / "run_all.py"), "--quick", "--only", "predict", "--out",
