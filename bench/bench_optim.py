@@ -26,7 +26,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402 - sets sys.path for pcamlib
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 FULL = {"archs": "resnet18,densenet121", "steps": 20, "warmup": 3, "rounds": 3, "bs": 64}
@@ -110,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     size = QUICK if args.quick else FULL
     archs = (args.archs or size["archs"]).split(",")
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    benchlib.set_threads(args.threads or 0)
     kinds = ("fastai_sgd", "fastai_foreach_sgd", "torch_sgd_foreach")
     rows = []
     for arch in archs:
@@ -131,10 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                              "ratio_vs_fastai": round(best["fastai_sgd"] / best[kind], 3),
                              "batch_size": size["bs"] if measure == "train_step" else None})
                 print(rows[-1], flush=True)
-    table = pd.DataFrame(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False)
-    print(table.to_string(index=False))
+    benchlib.write_csv(rows, args.out)
     return 0
 
 

@@ -19,6 +19,8 @@ import      ``bench_import.py``: JPEG folders to HDF5 (only when ../shared      
 distributed ``bench_distributed.py``: training with 2 processes (gloo) vs 1,     none
             same data and global batch (2.0 = perfect scaling on twice the
             cores)
+precision   ``bench_precision.py``: CPU training step in bf16 vs fp32            none
+            (``mixed_precision="bf16"``; needs AMX or AVX512-BF16)
 ==========  ==================================================================  ==========
 
 ``SUMMARY.md`` has the machine (CPU count, torch, device), a table of the key ratios
@@ -51,7 +53,8 @@ import pandas as pd  # noqa: E402
 from pcamlib import config  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-NAMES = ("loader", "memory", "train", "inference", "optim", "predict", "import", "distributed")
+NAMES = ("loader", "memory", "train", "inference", "optim", "predict", "import", "distributed",
+         "precision")
 TIMEOUT_S = 1800  # per benchmark; the full memory run generates 7.2 GB first
 PAPER_TRAIN_ROWS = 262_144  # full-size train split
 TARGETS = {"loader": 20.0, "memory_mb": 1500.0, "train": 0.9, "inference_min": 0.10,
@@ -160,6 +163,12 @@ def key_ratios(out: Path) -> list[dict]:
             add("optim", f"fastai SGD / ForeachSGD time, {r['measure']}, {r['arch']} on "
                 f"{r['device']} ({r['ms_per_step']:,.2f} ms)", f"{r['ratio_vs_fastai']:.2f}x",
                 ">= 1x" if key else "", _verdict(r["ratio_vs_fastai"] >= 1) if key else "info")
+    precision = _read(out, "precision")
+    if precision is not None:
+        for _, r in precision[precision.precision == "bf16"].iterrows():
+            add("precision", f"fp32 / bf16 training step time, {r['arch']} on the CPU "
+                f"({r['ms_per_step']:,.1f} ms; bf16 units: {r['cpu_bf16_units'] or 'none'})",
+                f"{r['ratio_vs_fp32']:.2f}x", "", "info")
     gpu_optim = _read(out, "gpu_optim")
     if gpu_optim is not None:
         for _, r in gpu_optim[gpu_optim.optimizer == "fastai_foreach_sgd"].iterrows():

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 SCRIPTS = ["bench_loader.py", "bench_memory.py", "bench_train.py", "bench_inference.py",
            "bench_optim.py", "bench_predict.py", "bench_gpu.py", "bench_distributed.py",
+           "bench_precision.py",
            "sample_variation.py", "run_all.py"]
 TIMEOUT = 600
 
@@ -182,6 +183,18 @@ def test_optim_quick(tmp_path):
         assert ratio["fastai_sgd"] == 1.0
         assert ratio["fastai_foreach_sgd"] == pytest.approx(
             base["fastai_sgd"] / base["fastai_foreach_sgd"], rel=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.bench_run
+def test_precision_quick(tmp_path):
+    out = tmp_path / "precision.csv"
+    _run([sys.executable, str(BENCH / "bench_precision.py"), "--quick", "--out", str(out)])
+    frame = pd.read_csv(out, keep_default_na=False).set_index("precision")
+    assert list(frame.index) == ["fp32", "bf16"] and (frame.ms_per_step > 0).all()
+    assert frame.loc["fp32", "ratio_vs_fp32"] == 1.0
+    assert frame.loc["bf16", "ratio_vs_fp32"] == pytest.approx(
+        frame.loc["fp32", "ms_per_step"] / frame.loc["bf16", "ms_per_step"], rel=0.01)
 
 
 @pytest.mark.slow

@@ -1,0 +1,101 @@
+"""CPU training step in bf16 (``mixed_precision="bf16"``) vs fp32, side by side.
+
+For each architecture (``--archs``; fastai's ``create_vision_model``, 2 outputs, NHWC, the
+pcamlib optimiser) one training step on a batch of ``--bs`` random 96 x 96 patches is
+timed as :class:`pcamlib.learner.CpuBf16Training` runs it: forward and loss under
+``torch.autocast("cpu", torch.bfloat16)``, prediction cast back to fp32, backward and
+optimiser step outside, or all of it in fp32. The two sides alternate over ``--rounds``
+rounds and each keeps its best round, so other load hits both alike.
+
+``ratio_vs_fp32`` = fp32 time / bf16 time (> 1: bf16 faster). It depends on the CPU:
+oneDNN has bf16 kernels on CPUs with AMX or AVX512-BF16 (the ``cpu_bf16_units`` column
+lists what this one has); elsewhere bf16 is emulated and slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402 - sets sys.path for pcamlib
+import torch  # noqa: E402
+
+FULL = {"archs": "resnet18,densenet121", "steps": 8, "warmup": 2, "rounds": 3, "bs": 64}
+QUICK = {"archs": "resnet18", "steps": 2, "warmup": 1, "rounds": 1, "bs": 8}
+
+
+def cpu_bf16_units() -> str:
+    """The CPU's bf16 instruction sets, from /proc/cpuinfo (empty when it has none)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags)
+
+
+def _model(arch: str) -> torch.nn.Module:
+    import torchvision
+    from fastai.vision.learner import create_vision_model
+
+    torch.manual_seed(0)
+    model = create_vision_model(getattr(torchvision.models, arch), n_out=2, pretrained=False)
+    return model.to(memory_format=torch.channels_last).train()
+
+
+def time_train_steps(model, precision: str, steps: int, warmup: int, bs: int) -> float:
+    from pcamlib.optim import ForeachSGD
+
+    opt = ForeachSGD(list(model.parameters()), lr=1e-3, mom=0.9)
+    x = torch.randn(bs, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (bs,))
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
+                    else contextlib.nullcontext())
+        with autocast:
+            pred = model(x).float()
+            loss = torch.nn.functional.cross_entropy(pred, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return (time.perf_counter() - t0) / steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=benchlib.REPORTS_DIR / "precision.csv")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    parser.add_argument("--archs", default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    size = QUICK if args.quick else FULL
+    benchlib.set_threads(args.threads or 0)
+    units = cpu_bf16_units()
+    rows = []
+    for arch in (args.archs or size["archs"]).split(","):
+        model = _model(arch)
+        best = {"fp32": float("inf"), "bf16": float("inf")}
+        for _ in range(size["rounds"]):
+            for precision in best:
+                best[precision] = min(best[precision], time_train_steps(
+                    model, precision, size["steps"], size["warmup"], size["bs"]))
+        for precision, seconds in best.items():
+            rows.append({"arch": arch, "device": "cpu", "precision": precision,
+                         "batch_size": size["bs"], "threads": torch.get_num_threads(),
+                         "ms_per_step": round(seconds * 1000, 2),
+                         "ratio_vs_fp32": round(best["fp32"] / seconds, 3),
+                         "cpu_bf16_units": units})
+            print(rows[-1], flush=True)
+    benchlib.write_csv(rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
