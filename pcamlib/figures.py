@@ -13,6 +13,7 @@ built.
 
 from __future__ import annotations
 
+import base64
 import functools
 import io
 import math
@@ -40,6 +41,7 @@ from pcamlib.pcam import CENTRE_BOX, CLASS_NAMES, IMAGE_SHAPE, SPLITS
 
 __all__ = [
     "CLASS_COLORS",
+    "PhotographicFigure",
     "ReportFigure",
     "CLASS_NAMES",
     "augmentation_grid_figure",
@@ -49,6 +51,7 @@ __all__ = [
     "loss_curves_figure",
     "lr_find_figure",
     "patch_grid_figure",
+    "photographic_image",
     "roc_curve_figure",
     "save_figure",
     "save_table",
@@ -73,6 +76,9 @@ CENTRE_COLOR = "#ffd60a"
 
 _NATIVE_CELL = 1.28
 """Inches per patch so that a 96 px patch shows at about its own size at 80 dpi."""
+
+JPEG_QUALITY = 85
+"""JPEG quality of photographic figures shown in notebooks (patches stay legible)."""
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -137,9 +143,74 @@ class ReportFigure(Figure):
         return buf.getvalue()
 
 
-def _new_figure(figsize: tuple[float, float]) -> ReportFigure:
+class PhotographicFigure(ReportFigure):
+    """A report figure made mostly of H&E patches, shown in notebooks as a JPEG only.
+
+    Patches cost about ten times more as lossless PNG, and a notebook that embeds a
+    dozen such figures grows to megabytes. ``_ipython_display_`` is used because the
+    inline backend registers a PNG printer for every Figure, which would otherwise add
+    a PNG beside the JPEG. The files :func:`save_figure` writes stay PNG and SVG.
+    """
+
+    def _repr_png_(self) -> None:
+        return None
+
+    def _repr_jpeg_(self) -> bytes:
+        return _jpeg_bytes(self)
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        data = base64.b64encode(_jpeg_bytes(self)).decode("ascii")
+        display({"image/jpeg": data, "text/plain": repr(self)}, raw=True)
+
+
+def _jpeg_bytes(fig: Figure, quality: int = JPEG_QUALITY) -> bytes:
+    """The figure rendered as an RGB JPEG (opaque white background), same bytes each time."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None}, facecolor="white")
+    buf.seek(0)
+    with Image.open(buf) as image:
+        out = io.BytesIO()
+        image.convert("RGB").save(out, format="jpeg", quality=quality, optimize=True)
+    return out.getvalue()
+
+
+def photographic_image(fig: Figure | None = None, *, quality: int = JPEG_QUALITY) -> Any:
+    """A figure of patches as a JPEG-only notebook image; the figure is then closed.
+
+    For figures pcamlib does not build, such as fastai's ``show_batch`` or
+    ``plot_top_losses`` (drawn with pyplot): returned as a cell's last value it shows
+    as one JPEG, where the inline backend would embed a PNG about ten times larger.
+
+    Args:
+        fig: The figure; default pyplot's current figure.
+        quality: JPEG quality, 1-95.
+
+    Returns:
+        An :class:`IPython.display.Image` holding the JPEG.
+
+    Raises:
+        InputError: If ``quality`` is out of range or there is no figure to show.
+    """
+    from IPython.display import Image as NotebookImage
+    from matplotlib import pyplot as plt
+
+    if not isinstance(quality, int) or not 1 <= quality <= 95:
+        raise InputError(f"quality must be an integer from 1 to 95; got {quality!r}")
+    if fig is None:
+        if not plt.get_fignums():
+            raise InputError("no figure to show: pyplot has no open figure and fig was not given")
+        fig = plt.gcf()
+    data = _jpeg_bytes(fig, quality)
+    plt.close(fig)  # the inline backend would otherwise show it again, as PNG
+    return NotebookImage(data=data, format="jpeg")
+
+
+def _new_figure(figsize: tuple[float, float], *, photographic: bool = False) -> ReportFigure:
     """A standalone figure (not registered with pyplot) with constrained layout."""
-    return ReportFigure(figsize=figsize, layout="constrained")
+    figure_class = PhotographicFigure if photographic else ReportFigure
+    return figure_class(figsize=figsize, layout="constrained")
 
 
 def _class_name(label: Any) -> str:
@@ -176,6 +247,13 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write`` on a temporary file beside ``path``, then rename it into place."""
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
@@ -183,6 +261,8 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600); a report is for others to read
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -359,7 +439,7 @@ def patch_grid_figure(
     nrows = math.ceil(n / ncols)
     cell = min(_NATIVE_CELL, 10.0 / ncols)
     height = nrows * (cell + 0.3) + (0.35 if suptitle else 0.0)
-    fig = _new_figure((cell * ncols, height))
+    fig = _new_figure((cell * ncols, height), photographic=True)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for i, ax in enumerate(axes):
         if i >= n:
@@ -398,7 +478,7 @@ def augmentation_grid_figure(rows: Mapping[str, ArrayLike], *, show_centre: bool
     if ncols == 0:
         raise InputError("every row is empty")
     cell = min(_NATIVE_CELL, 8.5 / ncols)
-    fig = _new_figure((cell * ncols + 1.5, cell * nrows + 0.1))
+    fig = _new_figure((cell * ncols + 1.5, cell * nrows + 0.1), photographic=True)
     grid = fig.subplots(nrows, ncols, squeeze=False)
     for r, (name, stack) in enumerate(stacks.items()):
         for c in range(ncols):
@@ -1006,7 +1086,8 @@ def top_errors_figure(images: ArrayLike, table: pd.DataFrame, *,
     groups = _outcome_rows(table, "kind")
     ncols = max(len(rows) for _, rows in groups)
     cell = min(_NATIVE_CELL, 9.0 / ncols)
-    fig = _new_figure((max(cell * ncols + 1.2, 5.0), (cell + 0.55) * len(groups) + 0.7))
+    fig = _new_figure((max(cell * ncols + 1.2, 5.0), (cell + 0.55) * len(groups) + 0.7),
+                      photographic=True)
     grid = fig.subplots(len(groups), ncols, squeeze=False)
     for r, (kind, rows) in enumerate(groups):
         for c in range(ncols):
@@ -1065,7 +1146,7 @@ def gradcam_figure(images: ArrayLike, maps: ArrayLike, table: pd.DataFrame, *,
     per_row = max(len(rows) for _, rows in groups)
     ncols = 2 * per_row
     cell = min(_NATIVE_CELL, 10.0 / ncols)
-    fig = _new_figure((cell * ncols + 1.2, (cell + 0.55) * len(groups) + 0.5))
+    fig = _new_figure((cell * ncols + 1.2, (cell + 0.55) * len(groups) + 0.5), photographic=True)
     grid = fig.subplots(len(groups), ncols, squeeze=False)
     for r, (outcome, rows) in enumerate(groups):
         for c in range(per_row):
@@ -1083,7 +1164,10 @@ def gradcam_figure(images: ArrayLike, maps: ArrayLike, table: pd.DataFrame, *,
             ax_cam.imshow(cams[i], cmap=CAM_CMAP, vmin=0.0, vmax=1.0, alpha=alpha,
                           interpolation="bilinear")
             if "centre_mass" in table.columns:
-                ax_cam.set_title(f"Grad-CAM\n{rec['centre_mass']:.0%} in centre", fontsize=8)
+                # an all-zero map: no region raised the score (NaN share)
+                share = ("map all zero" if pd.isna(rec["centre_mass"])
+                         else f"{rec['centre_mass']:.0%} in centre")
+                ax_cam.set_title(f"Grad-CAM\n{share}", fontsize=8)
             if c == 0:
                 ax_patch.set_ylabel(outcome, fontsize=10, fontweight="bold")
     if title is None:

@@ -408,6 +408,13 @@ def _claims(profile: Profile, comp: Comparison) -> pd.DataFrame | None:
     return table
 
 
+def _precision_words(run: dict) -> str:
+    """A run's arithmetic in words: on a CPU, bf16 covers the training steps only."""
+    if run["precision"] == "bf16" and not str(run["device"]).startswith("cuda"):
+        return "bf16 training steps, fp32 validation and evaluation"
+    return run["precision"]
+
+
 def study_differences(profile: Profile, comp: Comparison) -> pd.DataFrame:
     """What differs between the study's setting and this report's, aspect by aspect."""
     sizes = {split: len(PCamSplit(profile.data_dir, split)) for split in SPLITS
@@ -419,7 +426,7 @@ def study_differences(profile: Profile, comp: Comparison) -> pd.DataFrame:
     epochs = "; ".join(f"{a}: {r['epochs_run']} run, best {r['best_epoch']}"
                        for a, r in runs.items())
     lrs = "; ".join(f"{a}: {r['lr']:g}" for a, r in runs.items())
-    devices = "; ".join(sorted({f"{r['device']} ({r['precision']})" for r in runs.values()}))
+    devices = "; ".join(sorted({f"{r['device']} ({_precision_words(r)})" for r in runs.values()}))
     rows = [
         ("data", "official PCam HDF5",
          profile.data_note or f"PCam-format data in {Path(profile.data_dir).name}"),

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -145,28 +146,27 @@ def source_digest(package_dir: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-def display_path(path: str | os.PathLike) -> str:
-    """A path as a report shows it: relative to the project, else under ``~``, else as is.
+def displayed_paths(text: str) -> str:
+    """``text`` with the project's and the home folder's absolute paths shortened.
 
     Reports are committed and shared; the absolute paths of the machine that made them
-    say nothing to a reader and differ on every machine.
+    say nothing to a reader and differ on every machine. A path inside the project
+    becomes project-relative (the project itself ``.``), one in the home folder starts
+    with ``~``. A folder whose name only starts like the project's (``main-old`` beside
+    ``main``) is left alone.
     """
-    path = Path(path).expanduser()
-    for root, shown in ((config.REPO_ROOT, ""), (Path.home(), "~/")):
-        try:
-            relative = path.resolve().relative_to(root.resolve())
-        except ValueError:
+    for root, inside, itself in ((config.REPO_ROOT, "", "."), (Path.home(), "~/", "~")):
+        shown = str(root.resolve())
+        if shown == os.sep:
             continue
-        return f"{shown}{relative.as_posix()}" if str(relative) != "." else (shown or ".")
-    return str(path)
+        text = re.sub(re.escape(shown + os.sep), inside, text)
+        text = re.sub(re.escape(shown) + r"(?![\w.-])", itself, text)
+    return text
 
 
-def _displayed_paths(text: str) -> str:
-    """``text`` with the project's and the home folder's absolute paths shortened."""
-    repo = str(config.REPO_ROOT.resolve())
-    text = text.replace(repo + os.sep, "").replace(repo, ".")
-    home = str(Path.home().resolve())
-    return text.replace(home + os.sep, "~/") if home != os.sep else text
+def display_path(path: str | os.PathLike) -> str:
+    """A path as a report shows it: relative to the project, else under ``~``, else as is."""
+    return displayed_paths(str(Path(path).expanduser().resolve()))
 
 
 def _git_commit() -> str:
@@ -238,7 +238,7 @@ def build_manifest(profile, runs_root: Path, runs: list[NotebookRun], seconds: f
     for arch in profile.archs:
         path = runs_root / profile.name / arch / "run.json"
         if path.is_file():
-            run_info[arch] = json.loads(_displayed_paths(path.read_text()))
+            run_info[arch] = json.loads(displayed_paths(path.read_text()))
     prof = profile.to_dict()
     prof["data_dir"] = display_path(prof["data_dir"])
     return {
@@ -454,7 +454,7 @@ def reproduce(
         # temporary one, and no path of the machine that ran them.
         for run in done:
             text = run.output.read_text().replace(str(tmp), str(final))
-            run.output.write_text(_displayed_paths(text))
+            run.output.write_text(displayed_paths(text))
         manifest = build_manifest(prof, runs, done, time.time() - start)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
         write_report_md(tmp, manifest)
@@ -491,7 +491,8 @@ def refresh_notebooks(progress: bool = True, kernel: str = "python3") -> list[Pa
             nb.metadata.pop("papermill", None)
             for cell in nb.cells:
                 cell.metadata.pop("papermill", None)
-            nbformat.write(nb, tmp)
+            # warnings print the absolute path of the file that raised them
+            nbformat.write(nbformat.reads(displayed_paths(nbformat.writes(nb)), as_version=4), tmp)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

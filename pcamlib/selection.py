@@ -99,6 +99,9 @@ def trial_row(run_dir: str | os.PathLike, trial: str, *, source: str, command: s
 
     history = read_history(run_dir)
     stopped = outcome.get("stopped_early")
+    precision = params.get("resolved", {}).get("precision", "fp32")
+    if precision != "fp32":  # the trials before bf16 existed ran in fp32
+        other = "; ".join(filter(None, [other, f"{precision} training steps"]))
     patience = identity["patience"]
     return {
         "trial": trial, "arch": identity["arch"],

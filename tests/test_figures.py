@@ -113,6 +113,67 @@ def test_save_figure_overwrites_and_respects_dpi(tmp_path, figs):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png", "plot.svg"]
 
 
+def test_saved_files_follow_the_umask_not_mkstemps_private_mode(tmp_path, figs):
+    import os
+
+    fig = small_figure()
+    figs.append(fig)
+    old = os.umask(0o022)
+    try:
+        paths = F.save_figure(fig, tmp_path, "shared")
+    finally:
+        os.umask(old)
+    assert [oct(p.stat().st_mode & 0o777) for p in paths] == [oct(0o644)] * 2
+
+
+def _shown(obj) -> dict:
+    """The mime bundle(s) IPython publishes when ``obj`` is a cell's value."""
+    from IPython.core.formatters import DisplayFormatter
+    from IPython.core.interactiveshell import InteractiveShell
+    from matplotlib_inline.backend_inline import configure_inline_support
+
+    shell = InteractiveShell.instance()
+    # what a kernel with fastai imported has: the inline backend's PNG printer for Figures
+    configure_inline_support(shell, "module://matplotlib_inline.backend_inline")
+    published: list[dict] = []
+    original = shell.display_pub.publish
+    shell.display_pub.publish = lambda data, metadata=None, **kw: published.append(data)
+    try:
+        data, _ = shell.display_formatter.format(obj)
+    finally:
+        shell.display_pub.publish = original
+    assert isinstance(shell.display_formatter, DisplayFormatter)
+    return {**data, **{k: v for d in published for k, v in d.items()}}
+
+
+def test_patch_figures_show_as_jpeg_only_and_charts_as_png(figs):
+    import base64
+
+    patch_fig = F.patch_grid_figure(patches(6), [0, 0, 0, 1, 1, 1])
+    chart = F.loss_curves_figure({"m": history(4, 1)})
+    figs += [patch_fig, chart]
+    assert isinstance(patch_fig, F.PhotographicFigure)
+    shown = _shown(patch_fig)
+    assert "image/png" not in shown
+    jpeg = base64.b64decode(shown["image/jpeg"])
+    assert jpeg.startswith(b"\xff\xd8")
+    png_size = len(F.ReportFigure._repr_png_(patch_fig))
+    assert len(jpeg) * 3 < png_size, (len(jpeg), png_size)
+    assert "image/png" in _shown(chart) and "image/jpeg" not in _shown(chart)
+
+
+def test_photographic_image_closes_the_pyplot_figure_and_names_bad_input():
+    fig = plt.figure(figsize=(2, 2))
+    fig.add_subplot().imshow(patches(1)[0])
+    image = F.photographic_image()
+    assert image.format == "jpeg" and image.data.startswith(b"\xff\xd8")
+    assert plt.fignum_exists(fig.number) is False
+    with pytest.raises(ValueError, match="no figure to show"):
+        F.photographic_image()
+    with pytest.raises(ValueError, match="quality must be an integer from 1 to 95; got 0"):
+        F.photographic_image(small_figure(), quality=0)
+
+
 @pytest.mark.parametrize("name", ["", "a/b", "../escape", "fig.png", "with space", "é", "a\nb"])
 def test_save_figure_rejects_bad_names(tmp_path, figs, name):
     fig = small_figure()
@@ -432,3 +493,15 @@ def test_figures_display_as_png_in_notebooks(figs):
     figs.append(fig)
     assert isinstance(fig, F.ReportFigure)
     assert fig._repr_png_().startswith(b"\x89PNG")
+
+
+def test_gradcam_figure_names_an_all_zero_map_instead_of_a_nan_share(figs):
+    table = pd.DataFrame({"outcome": ["true positive", "true negative"], "row": [3, 7],
+                          "prob": [0.99, 0.01], "centre_mass": [0.25, np.nan]})
+    maps = np.zeros((2, 96, 96))
+    maps[0, 40:56, 40:56] = 1.0
+    fig = F.gradcam_figure(patches(2), maps, table)
+    figs.append(fig)
+    shown = texts(fig)
+    assert "Grad-CAM\n25% in centre" in shown and "Grad-CAM\nmap all zero" in shown
+    assert not any("nan" in t for t in shown)

@@ -40,6 +40,25 @@ def test_every_notebook_has_one_parameters_cell_of_literals():
         assert all(k.isupper() for k in params), name
 
 
+NOTEBOOK_BYTES_LIMIT = 1_000_000
+
+
+def test_committed_notebooks_embed_patches_as_jpeg_and_stay_small():
+    """Every tracked notebook, top-level and the sample report's executed copies."""
+    paths = sorted(NB_DIR.glob("*.ipynb")) + sorted(
+        (config.REPO_ROOT / "reports" / "sample" / "notebooks").glob("*.ipynb")
+    )
+    assert len(paths) >= 2 * len(NOTEBOOKS)
+    too_big = {p.name: p.stat().st_size for p in paths if p.stat().st_size > NOTEBOOK_BYTES_LIMIT}
+    assert not too_big, f"notebooks over {NOTEBOOK_BYTES_LIMIT} bytes: {too_big}"
+    for path in paths:
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            for output in cell.get("outputs", []):
+                if "image/jpeg" in output.get("data", {}):
+                    assert "image/png" not in output["data"], f"{path.name}: PNG beside a JPEG"
+
+
 def test_misspelled_parameter_is_an_error_not_a_warning():
     with pytest.raises(ValueError, match=r"04_train.ipynb: unknown parameter\(s\) \['ARHC'\]"):
         check_parameters(NB_DIR / "04_train.ipynb", {"ARHC": "resnet18"})

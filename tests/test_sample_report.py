@@ -19,7 +19,13 @@ import pandas as pd
 import pytest
 
 from pcamlib import config
-from pcamlib.reproduce import numeric_platform, reproduce, source_digest
+from pcamlib.reproduce import (
+    display_path,
+    displayed_paths,
+    numeric_platform,
+    reproduce,
+    source_digest,
+)
 
 COMMITTED = config.REPO_ROOT / "reports" / "sample"
 
@@ -50,13 +56,28 @@ def test_committed_report_was_made_by_this_pcamlib():
     )
 
 
-def test_committed_report_shows_no_machine_paths():
+def test_committed_report_and_notebooks_show_no_machine_paths():
     files = [COMMITTED / "REPORT.md", COMMITTED / "manifest.json",
-             *sorted((COMMITTED / "notebooks").glob("*.ipynb"))]
+             *sorted((COMMITTED / "notebooks").glob("*.ipynb")),
+             *sorted(config.NOTEBOOKS_DIR.glob("*.ipynb"))]
     for path in files:
         found = _ABSOLUTE.findall(path.read_text())
-        assert not found, (f"{path.relative_to(COMMITTED)} shows absolute paths of the machine "
-                           f"that made it: {found}")
+        assert not found, (f"{path.relative_to(config.REPO_ROOT)} shows absolute paths of the "
+                           f"machine that made it: {found}")
+
+
+def test_displayed_paths_shorten_the_project_and_home_only_at_folder_boundaries(monkeypatch,
+                                                                               tmp_path):
+    home, repo = tmp_path / "home", tmp_path / "home" / "main"
+    monkeypatch.setattr(config, "REPO_ROOT", repo)
+    monkeypatch.setenv("HOME", str(home))
+    text = (f"{repo}/pcamlib/train.py:376: warning; {repo}; {repo}-old/x; {repo}2; "
+            f"{home}/data/pcam; {home}; {tmp_path}/other")
+    assert displayed_paths(text) == (
+        f"pcamlib/train.py:376: warning; .; ~/main-old/x; ~/main2; ~/data/pcam; ~; "
+        f"{tmp_path}/other")
+    assert display_path(repo / "reports" / ".." / "runs") == "runs"
+    assert display_path(repo) == "."
 
 
 def _fresh_sample_tables(tmp_path_factory) -> pd.DataFrame:

@@ -50,7 +50,21 @@ def test_trial_row_reads_valid_metrics_of_the_run(trial_run):
     assert row["valid_auc"] == pytest.approx(round(auc, 4))
     assert row["arch"] == ARCH and row["lr"] == 0.002 and row["epochs"] == "1"
     assert row["early_stopping"] == "patience 3"
+    assert row["other"] == ""  # fp32: nothing to add
     assert set(row) == set(S.TRIAL_COLUMNS)
+
+
+@pytest.mark.slow
+def test_trial_row_says_when_training_steps_ran_in_bf16(trial_run, tmp_path):
+    import json
+    import shutil
+
+    run_dir = shutil.copytree(trial_run["run_dir"], tmp_path / "run")
+    params = json.loads((run_dir / "params.json").read_text())
+    params["resolved"]["precision"] = "bf16"
+    (run_dir / "params.json").write_text(json.dumps(params))
+    row = S.trial_row(run_dir, "toy", source="x", command="y", other="final run")
+    assert row["other"] == "final run; bf16 training steps"
 
 
 @pytest.mark.slow

@@ -481,3 +481,49 @@ def test_freed_memory_goes_back_to_the_system_after_each_epoch(monkeypatch, data
         warnings.simplefilter("ignore")
         T.train(profile, ARCH, runs_root=tmp_path, progress=False)
     assert calls == [True, True]
+
+
+class ForwardDtypes(Callback):
+    """Records the dtype of the model's output, training and validation batches apart."""
+
+    order = 60  # after CpuBf16Training's after_pred, which casts the prediction back
+
+    def __init__(self):
+        self.seen = {"train": set(), "valid": set()}
+        self.handle = None
+
+    def before_fit(self):
+        def hook(module, args, output):
+            self.seen["train" if self.learn.training else "valid"].add(output.dtype)
+        self.handle = self.learn.model.register_forward_hook(hook)
+
+    def after_pred(self):
+        assert self.learn.pred.dtype == torch.float32  # metrics and loss see fp32
+
+    def after_fit(self):
+        self.handle.remove()
+
+
+def test_precision_on_a_cpu_is_fp32_unless_bf16_is_asked(tmp_path):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for asked, on_cpu in (("auto", "fp32"), ("no", "fp32"), ("fp16", "fp32"), ("bf16", "bf16")):
+        assert L.precision_for(get_profile("sample", data_dir=tmp_path, mixed_precision=asked),
+                               cpu) == on_cpu, asked
+    assert L.precision_for(get_profile("sample", data_dir=tmp_path, mixed_precision="bf16"),
+                           cuda) == "bf16"
+
+
+@pytest.mark.slow
+def test_bf16_on_a_cpu_autocasts_training_steps_only_and_is_recorded(data_dir, tmp_path):
+    dtypes = ForwardDtypes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        profile = make_profile(data_dir, mixed_precision="bf16", epochs=1)
+        result = T.train(profile, ARCH, runs_root=tmp_path, progress=False,
+                         device=torch.device("cpu"), extra_cbs=[dtypes])
+    assert dtypes.seen == {"train": {torch.bfloat16}, "valid": {torch.float32}}
+    assert np.isfinite(result.history["valid_loss"]).all()
+    assert json.loads((result.run_dir / "run.json").read_text())["precision"] == "bf16"
+    fp32 = make_profile(data_dir, mixed_precision="no", epochs=1)
+    with pytest.raises(Exception, match="mixed_precision"):
+        T.train(fp32, ARCH, runs_root=tmp_path, progress=False, device=torch.device("cpu"))
