@@ -166,8 +166,11 @@ def key_ratios(out: Path) -> list[dict]:
     precision = _read(out, "precision")
     if precision is not None:
         for _, r in precision[precision.precision == "bf16"].iterrows():
+            cap = r.get("onednn_max_isa")
+            cap = f", oneDNN capped at {cap}" if isinstance(cap, str) and cap else ""
             add("precision", f"fp32 / bf16 training step time, {r['arch']} on the CPU "
-                f"({r['ms_per_step']:,.1f} ms; bf16 units: {r['cpu_bf16_units'] or 'none'})",
+                f"({r['ms_per_step']:,.1f} ms; bf16 units: {r['cpu_bf16_units'] or 'none'}"
+                f"{cap})",
                 f"{r['ratio_vs_fp32']:.2f}x", "", "info")
     gpu_optim = _read(out, "gpu_optim")
     if gpu_optim is not None:

@@ -128,8 +128,9 @@ class CpuBf16Training(Callback):
     """bf16 autocast for the training steps on a CPU; validation stays fp32.
 
     fastai's ``MixedPrecision`` autocasts on CUDA only. On CPUs with bf16 matrix units
-    (AMX, AVX512-BF16) oneDNN runs convolutions about twice as fast in bf16 (``make
-    bench``: train row). No gradient scaler is needed: bf16 has fp32's exponent range.
+    (AMX, AVX512-BF16) oneDNN runs a training step about twice as fast in bf16
+    (``bench/bench_precision.py``). No gradient scaler is needed: bf16 has fp32's
+    exponent range.
     Validation and prediction are left in fp32 so that the per-epoch valid loss (which
     picks the kept epoch) and the evaluated probabilities are not rounded to bf16's
     8-bit mantissa, where ties would blur the AUC.
