@@ -29,18 +29,10 @@ import benchlib  # noqa: E402 - sets sys.path for pcamlib
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from pcamlib.learner import cpu_bf16_units  # noqa: E402
+
 FULL = {"archs": "resnet18,densenet121", "steps": 8, "warmup": 2, "rounds": 3, "bs": 64}
 QUICK = {"archs": "resnet18", "steps": 2, "warmup": 1, "rounds": 1, "bs": 8}
-
-
-def cpu_bf16_units() -> str:
-    """The CPU's bf16 instruction sets, from /proc/cpuinfo (empty when it has none)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    return " ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags)
 
 
 def _model(arch: str) -> torch.nn.Module:

@@ -124,6 +124,36 @@ def precision_for(profile: Profile, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def cpu_bf16_units() -> str:
+    """The CPU's bf16 instruction sets, from /proc/cpuinfo (empty when it has none).
+
+    Returns:
+        ``"amx_bf16 avx512_bf16"``, one of them, ``""``, or ``"unknown"`` where
+        /proc/cpuinfo cannot be read (not Linux).
+    """
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags)
+
+
+def warn_if_cpu_bf16_is_slow(precision: str, device: torch.device) -> None:
+    """Warn when bf16 training steps are asked of a CPU without bf16 units.
+
+    There oneDNN emulates bf16 and a training step takes about 2.5x as long as in fp32
+    (``bench/bench_precision.py``, capped rows), so the profile should stay on ``auto``.
+    """
+    if device.type == "cuda" or precision != "bf16" or cpu_bf16_units():
+        return
+    warnings.warn(
+        "mixed_precision='bf16' on a CPU without bf16 units (no amx_bf16 or avx512_bf16 "
+        "in /proc/cpuinfo): training steps will be about 2.5x slower than fp32. "
+        "Set mixed_precision='auto' (fp32 on a CPU) unless you want bf16's rounding.",
+        UserWarning, stacklevel=2)
+
+
 class CpuBf16Training(Callback):
     """bf16 autocast for the training steps on a CPU; validation stays fp32.
 
@@ -247,6 +277,7 @@ def build_learner(
     learn.model.to(memory_format=torch.channels_last)
     precision = precision_for(profile, device)
     if device.type != "cuda" and precision == "bf16":
+        warn_if_cpu_bf16_is_slow(precision, device)
         learn.add_cb(CpuBf16Training())
     if device.type == "cuda":
         if precision == "bf16":

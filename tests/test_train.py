@@ -513,6 +513,31 @@ def test_precision_on_a_cpu_is_fp32_unless_bf16_is_asked(tmp_path):
                            cuda) == "bf16"
 
 
+def test_bf16_on_a_cpu_without_bf16_units_warns_naming_the_setting(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(L, "cpu_bf16_units", lambda: "")
+    with pytest.warns(UserWarning, match="mixed_precision='bf16'.*2.5x slower"):
+        L.warn_if_cpu_bf16_is_slow("bf16", cpu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        L.warn_if_cpu_bf16_is_slow("fp32", cpu)
+        L.warn_if_cpu_bf16_is_slow("bf16", cuda)
+        monkeypatch.setattr(L, "cpu_bf16_units", lambda: "amx_bf16 avx512_bf16")
+        L.warn_if_cpu_bf16_is_slow("bf16", cpu)
+
+
+def test_cpu_bf16_units_reads_proc_cpuinfo_flags(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    real_path = L.Path
+    monkeypatch.setattr(L, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    cpuinfo.write_text("processor : 0\nflags : fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert L.cpu_bf16_units() == "avx512_bf16"
+    cpuinfo.write_text("processor : 0\nflags : fpu sse avx2\n")
+    assert L.cpu_bf16_units() == ""
+    cpuinfo.unlink()
+    assert L.cpu_bf16_units() == "unknown"
+
+
 @pytest.mark.slow
 def test_bf16_on_a_cpu_autocasts_training_steps_only_and_is_recorded(data_dir, tmp_path):
     dtypes = ForwardDtypes()
