@@ -279,6 +279,24 @@ _FIGURE_TITLES = {
     "per_slide": "Accuracy per slide",
 }
 
+# Figures drawn once per architecture: file ``<prefix>_<arch>.png``.
+_ARCH_FIGURE_TITLES = {
+    "gradcam": "Grad-CAM, {arch}: true and false positives and negatives (centre 32x32 marked)",
+    "top_errors": "Most confident errors, {arch} (centre 32x32 marked)",
+    "loss_curves": "Training and validation loss, {arch}",
+    "lr_find": "lr_find, {arch}",
+}
+
+
+def figure_title(stem: str) -> str:
+    """The heading a report figure gets in ``REPORT.md``, from its file name."""
+    if stem in _FIGURE_TITLES:
+        return _FIGURE_TITLES[stem]
+    for prefix, title in _ARCH_FIGURE_TITLES.items():
+        if stem.startswith(prefix + "_"):
+            return title.format(arch=stem[len(prefix) + 1:])
+    return stem.replace("_", " ")
+
 _TABLE_ORDER = ("table1", "study_claims", "differences_from_study", "table1_vs_study",
                 "paired_tests", "selection_trials", "calibration", "operating_points",
                 "split_sizes", "channel_stats", "wsi_counts", "learning_rates",
@@ -345,9 +363,13 @@ def write_report_md(report_dir: Path, manifest: dict) -> Path:
     for name in ordered:
         lines += [f"### {name}", "", (tables_dir / f"{name}.md").read_text().strip(), "",
                   f"[CSV](tables/{name}.csv)", ""]
+    if "per_slide" not in names:
+        # A reviewer looks for it (patches of one slide are not independent): say why not.
+        lines += ["### per_slide", "", "No per-slide breakdown: this data's meta CSV has no "
+                  "slide ids (`wsi` column), so patches cannot be grouped by slide.", ""]
     lines += ["## Figures", ""]
     for png in sorted(figures_dir.glob("*.png")):
-        title = _FIGURE_TITLES.get(png.stem, png.stem.replace("_", " "))
+        title = figure_title(png.stem)
         lines += [f"### {title}", "", f"![{title}](figures/{png.name})", ""]
     lines += ["## Run manifest", "", "### Runs", ""]
     lines += [_md_table([{"arch": a, "epochs": r["epochs_run"], "best epoch": r["best_epoch"],

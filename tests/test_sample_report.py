@@ -57,9 +57,12 @@ def test_committed_report_was_made_by_this_pcamlib():
 
 
 def test_committed_report_and_notebooks_show_no_machine_paths():
+    real = config.REPO_ROOT / "reports" / "real-subset"
     files = [COMMITTED / "REPORT.md", COMMITTED / "manifest.json",
              *sorted((COMMITTED / "notebooks").glob("*.ipynb")),
-             *sorted(config.NOTEBOOKS_DIR.glob("*.ipynb"))]
+             *sorted(config.NOTEBOOKS_DIR.glob("*.ipynb")),
+             *[p for p in (real / "REPORT.md", real / "manifest.json") if p.is_file()],
+             *sorted((real / "notebooks").glob("*.ipynb"))]
     for path in files:
         found = _ABSOLUTE.findall(path.read_text())
         assert not found, (f"{path.relative_to(config.REPO_ROOT)} shows absolute paths of the "
